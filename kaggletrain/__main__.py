@@ -1,0 +1,5 @@
+import sys
+
+from kaggletrain.cli import main
+
+sys.exit(main())

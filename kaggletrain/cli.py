@@ -1,0 +1,68 @@
+"""The `kaggletrain` command line: parse, call one function, render. No logic of its own.
+
+Each command lives in kaggletrain/commands/<name>.py and registers itself on `app`.
+User errors (KaggletrainError) print one red line and exit 2; `--debug` keeps tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from kaggletrain.errors import KaggletrainError
+
+app = typer.Typer(
+    name="kaggletrain",
+    help="Train RWKV-7 language models from one YAML config: CPU, GPU, torchrun or Kaggle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    # Importing a command module registers its command(s) on `app`; heavy imports stay inside commands.
+    import importlib
+    import pkgutil
+
+    import kaggletrain.commands as pkg
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+        importlib.import_module(f"kaggletrain.commands.{mod}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("KAGGLETRAIN_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    _register_commands()
+    try:
+        app(args=argv, prog_name="kaggletrain", standalone_mode=False)
+    except KaggletrainError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except SystemExit as e:  # typer/click exits (e.g. --help)
+        return int(e.code or 0)
+    except Exception as e:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

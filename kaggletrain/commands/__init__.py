@@ -1,0 +1,1 @@
+"""One module per CLI command group; each registers on `kaggletrain.cli.app` when imported."""

@@ -1,0 +1,342 @@
+"""`RWKVModel`: embeddings, RWKV-7 / attention blocks, head; masking, chunking and state routing.
+
+Blocks are routed by their class attribute `is_rwkv_block` (RWKV: token shifts + WKV state;
+attention: key/value cache), never by isinstance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kaggletrain.model.attention import AttentionBlock
+from kaggletrain.model.config import ModelConfig
+from kaggletrain.model.rwkv7 import RWKV7Block
+from kaggletrain.model.state import AttentionLayerState, ModelState, RWKVLayerState, roundtrip
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[torch.Tensor] = None      # mean next-token cross-entropy over counted targets
+    logits: Optional[torch.Tensor] = None    # [B, T, V]
+    state: Optional[ModelState] = None       # continue a sequence from here
+    num_targets: int = 0                     # how many target tokens the loss averages over
+
+
+class L2Wrap(torch.autograd.Function):
+    """Official RWKV L2Wrap: adds 1e-4/(B*T) * max_logit gradient at each token's argmax logit.
+    Multiplies by grad_output (the old form was wrong when grad_output != 1, spec section 1)."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / max(1, logits.shape[0] * logits.shape[1])
+        maxx, ids = torch.max(logits, -1, keepdim=True)
+        gy = torch.zeros_like(logits)
+        gy.scatter_(-1, ids, maxx * factor)
+        return grad_output, gy * grad_output
+
+
+def _flat(states):
+    out = []
+    for s in states:
+        out.extend(s if s is not None else (None, None, None))
+    return out
+
+
+def _unflat(flat):
+    return [tuple(flat[i:i + 3]) if flat[i + 1] is not None else None for i in range(0, len(flat), 3)]
+
+
+class RWKVModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError("RWKVModel expects a kaggletrain ModelConfig")
+        self.config = config
+        C, V = config.hidden_size, config.vocab_size
+        self.emb = nn.Embedding(V, C)
+        first_rwkv = next((i for i in range(config.num_layers) if not config.is_attention_layer(i)), None)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(config, i) if config.is_attention_layer(i) else RWKV7Block(config, i, i == first_rwkv)
+            for i in range(config.num_layers)
+        )
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, V, bias=False)
+        if config.use_position_embeddings:
+            self.pos_emb = nn.Embedding(config.max_position_embeddings, C)
+        self._grad_ckpt = False
+        self._amp_dtype: Optional[torch.dtype] = None
+        self._inference = False
+        self.reset_parameters()
+
+    # ---- initialisation and switches --------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official RWKV-7 initialisation (spec section 3)."""
+        C, V = self.config.hidden_size, self.config.vocab_size
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        for b in self.blocks:
+            b.reset_parameters()
+        nn.init.ones_(self.ln_out.weight)
+        nn.init.zeros_(self.ln_out.bias)
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+        if hasattr(self, "pos_emb"):
+            nn.init.zeros_(self.pos_emb.weight)  # starts inert: keeps the official init's behaviour
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> "RWKVModel":
+        """Recompute each block in backward (non-reentrant checkpoint): less activation memory."""
+        self._grad_ckpt = enabled
+        return self
+
+    def enable_mixed_precision(self, dtype: Optional[torch.dtype] = torch.bfloat16) -> "RWKVModel":
+        """Autocast the matmuls to fp16/bf16; decay, kk, norms and the WKV state stay float32."""
+        if dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"enable_mixed_precision: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        self._amp_dtype = dtype
+        return self
+
+    def enable_state_compression(self, scheme: Optional[str] = None) -> "RWKVModel":
+        """Carry and return RWKV states compressed (bf16, fp16 or int8 with per-row scales)."""
+        if scheme is not None:
+            if scheme not in ("bf16", "fp16", "int8"):
+                raise ValueError(f"state compression scheme must be bf16, fp16 or int8, got {scheme!r}")
+            self.config.state_compression = scheme
+        self.config.rwkv_state_compression = True
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._inference = False
+        return super().train(mode)
+
+    @torch.no_grad()
+    def optimize_for_inference(self, dtype: Optional[torch.dtype] = None) -> "RWKVModel":
+        """Eval mode, ln0 folded into the embedding table, optional half-precision weights.
+        Results change only by float rounding. Calling .train() undoes the folding."""
+        self.eval()
+        if dtype is not None:
+            self.to(dtype)
+        self._emb_folded = self.blocks[0].ln0(self.emb.weight).detach()
+        self._inference = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def learnable_state_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.endswith(("time_state", "shift_state"))]
+
+    # ---- the forward pass -------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                state: Optional[ModelState] = None, use_chunking: bool = False, return_logits: bool = True,
+                shift_labels: bool = True, bptt: str = "full", l2wrap: bool = False) -> ModelOutput:
+        """input_ids [B, T] → ModelOutput(loss, logits [B, T, V], state).
+
+        attention_mask [B, T] (1 = real token): padded positions (left or right) do not touch the state
+        or the real tokens' logits and are excluded from the loss. labels [B, T] are aligned with
+        input_ids and shifted inside (`shift_labels=False` if they are already next-token targets);
+        -100 is ignored. `use_chunking` processes `rwkv_chunk_size` tokens at a time carrying the RWKV
+        state (bptt="full": exact gradients, one chunk of activations in memory; "truncated": state
+        detached between chunks)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if bptt not in ("full", "truncated"):
+            raise ValueError(f"bptt must be 'full' or 'truncated', got {bptt!r}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError("attention_mask must have the shape of input_ids")
+            if not bool(attention_mask.bool().all()):
+                valid = attention_mask.bool()
+        if state is not None:
+            state = state.expand()
+        pos0 = state.position if state is not None and state.position is not None else \
+            torch.zeros(B, dtype=torch.long, device=device)
+        if position_ids is None:
+            if valid is None:
+                position_ids = pos0[:, None] + torch.arange(T, device=device)[None]
+            else:
+                position_ids = pos0[:, None] + (valid.long().cumsum(1) - 1).clamp_min(0)
+        if hasattr(self, "pos_emb") and T > 0 and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        targets = self._targets(labels, valid, shift_labels) if labels is not None else None
+        layer_states = self._split_state(state, B)
+
+        amp = self._amp_dtype is not None and not self._inference
+        with torch.autocast(device_type=device.type, dtype=self._amp_dtype or torch.bfloat16, enabled=amp):
+            if use_chunking and T > self.config.rwkv_chunk_size:
+                loss_sum, count, logits, new_states = self._forward_chunked(
+                    input_ids, valid, position_ids, targets, layer_states, return_logits, bptt)
+            else:
+                x, new_states, _ = self._forward_tokens(input_ids, valid, position_ids, layer_states, None)
+                logits = self.head(self.ln_out(x))
+                loss_sum, count = self._loss_sum(logits, targets)
+        loss = None
+        if targets is not None:
+            loss = loss_sum / max(count, 1)
+            if l2wrap and logits is not None and torch.is_grad_enabled():
+                loss = L2Wrap.apply(loss, logits)
+        consumed = valid.long().sum(1) if valid is not None else torch.full((B,), T, device=device)
+        out_state = self._join_state(new_states, pos0 + consumed)
+        if self.config.rwkv_state_compression:
+            out_state = out_state.compress(self.config.state_compression)
+        return ModelOutput(loss=loss, logits=logits if return_logits else None, state=out_state,
+                           num_targets=int(count))
+
+    # ---- pieces -------------------------------------------------------------------------------
+    @staticmethod
+    def _targets(labels, valid, shift):
+        t = labels.clone().long()
+        if valid is not None:
+            t[~valid] = IGNORE_INDEX
+        if shift:
+            t = torch.cat([t[:, 1:], t.new_full((t.shape[0], 1), IGNORE_INDEX)], dim=1)
+            if valid is not None:
+                t[~valid] = IGNORE_INDEX
+        return t
+
+    @staticmethod
+    def _loss_sum(logits, targets):
+        if targets is None:
+            return None, 0
+        count = int((targets != IGNORE_INDEX).sum())
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, count
+
+    def _split_state(self, state: Optional[ModelState], B: int):
+        """ModelState → per-layer tuples: RWKV (att_shift, wkv, ffn_shift), attention (k, v, valid)."""
+        if state is None:
+            return [None] * len(self.blocks)
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layers, model has {len(self.blocks)}")
+        out = []
+        for blk, ls in zip(self.blocks, state.layers):
+            if ls is None:
+                out.append(None)
+            elif blk.is_rwkv_block:
+                out.append((ls.att_shift, ls.wkv, ls.ffn_shift))
+            else:
+                out.append((ls.k, ls.v, ls.valid))
+        return out
+
+    def _join_state(self, states, position) -> ModelState:
+        layers = []
+        for blk, s in zip(self.blocks, states):
+            if s is None:
+                layers.append(None)
+            elif blk.is_rwkv_block:
+                layers.append(RWKVLayerState(*s))
+            else:
+                layers.append(AttentionLayerState(*s))
+        return ModelState(layers, position)
+
+    def _embed(self, input_ids, position_ids):
+        if self._inference:
+            x = self._emb_folded[input_ids]
+        else:
+            x = self.blocks[0].ln0(self.emb(input_ids))
+        if hasattr(self, "pos_emb"):
+            x = x + self.pos_emb(position_ids)
+        return x
+
+    def _forward_tokens(self, input_ids, valid, position_ids, layer_states, split):
+        """All blocks over one span of tokens. Returns hidden [B, T, C], new per-layer states and,
+        when `split` is given, the RWKV states after the first `split` tokens."""
+        x = self._embed(input_ids, position_ids)
+        v_first = None
+        new_states, mid_states = [], []
+        ckpt = self._grad_ckpt and torch.is_grad_enabled()
+        for blk, st in zip(self.blocks, layer_states):
+            if blk.is_rwkv_block:
+                args = (x, v_first, st, valid, split)
+                x, v_first, st_new, mid = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+            else:
+                args = (x, st, valid)
+                x, st_new = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+                mid = None
+            new_states.append(st_new)
+            mid_states.append(mid)
+        return x, new_states, mid_states
+
+    def _forward_chunked(self, input_ids, valid, position_ids, targets, layer_states, return_logits, bptt):
+        """Chunks of `rwkv_chunk_size` tokens; each re-reads `rwkv_chunk_overlap` tokens of the previous
+        chunk (attention context) while the RWKV state enters at the start of that overlap, so no token
+        enters the state twice and each token's loss is counted once."""
+        cfg = self.config
+        T, cs, ov = input_ids.shape[1], cfg.rwkv_chunk_size, cfg.rwkv_chunk_overlap
+        starts = list(range(0, T, cs))
+        rwkv_idx = [i for i, b in enumerate(self.blocks) if b.is_rwkv_block]
+        carry = [layer_states[i] for i in rwkv_idx]        # RWKV states only; attention restarts per chunk
+        first_attn = [layer_states[i] if not self.blocks[i].is_rwkv_block else None for i in range(len(self.blocks))]
+        loss_total, count_total, logits_parts = None, 0, []
+        final_states = None
+        use_ckpt = torch.is_grad_enabled() and not return_logits
+        scheme = cfg.state_compression if cfg.rwkv_state_compression else None
+
+        for ci, s in enumerate(starts):
+            lo = max(0, s - ov) if ci > 0 else 0
+            hi = min(T, s + cs)
+            next_lo = max(0, hi - ov) if hi < T else None     # where the next chunk's overlap starts
+            split = (next_lo - lo) if next_lo is not None else None
+            skip = s - lo                                      # overlap positions: outputs discarded
+            sl = slice(lo, hi)
+            v_c = valid[:, sl] if valid is not None else None
+            tg = targets[:, sl].clone() if targets is not None else None
+            if tg is not None and skip:
+                tg[:, :skip] = IGNORE_INDEX
+
+            def run(ids, v_c, pos, tg, *flat, _split=split, _skip=skip, _ci=ci):
+                states = list(first_attn) if _ci == 0 else [None] * len(self.blocks)
+                for j, st in zip(rwkv_idx, _unflat(list(flat))):
+                    states[j] = st
+                x, new, mid = self._forward_tokens(ids, v_c, pos, states, _split)
+                logits = self.head(self.ln_out(x))
+                ls, cnt = self._loss_sum(logits, tg)
+                ls = logits.new_zeros((), dtype=torch.float32) if ls is None else ls
+                nxt = [mid[j] if _split is not None else new[j] for j in rwkv_idx]
+                return (ls, torch.tensor(cnt), logits[:, _skip:] if return_logits else None,
+                        new, *_flat(nxt))
+
+            flat_in = _flat(carry)
+            args = (input_ids[:, sl], v_c, position_ids[:, sl], tg, *flat_in)
+            if use_ckpt:
+                ls, cnt, lg, new, *flat_next = checkpoint(run, *args, use_reentrant=False)
+            else:
+                ls, cnt, lg, new, *flat_next = run(*args)
+            loss_total = ls if loss_total is None else loss_total + ls
+            count_total += int(cnt)
+            if lg is not None:
+                logits_parts.append(lg)
+            carry = _unflat(flat_next)
+            if next_lo is None:
+                final_states = new
+            else:
+                if bptt == "truncated":
+                    carry = [tuple(t.detach() for t in c) for c in carry]
+                if scheme is not None:
+                    carry = [tuple(roundtrip(t, scheme) for t in c) for c in carry]
+        logits = torch.cat(logits_parts, dim=1) if return_logits else None
+        if targets is None:
+            loss_total = None
+        return loss_total, count_total, logits, final_states

@@ -1,0 +1,266 @@
+"""RWKV-7 "x070" time-mix, channel-mix and block, with the official parameter names and init.
+
+Shapes: x [B, T, C]; C = hidden_size, N = head_size, H = C // N. See ../spec (rwkv7.md) section 1.
+Dtype rules (spec, pitfalls): the decay logit `w`, the key normalisation kk, ln_x and the WKV state are
+computed in float32 whatever the autocast dtype; only the matrix products run in fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kaggletrain.model.config import ModelConfig
+from kaggletrain.ops.wkv import wkv
+
+# A padded position runs an exact identity WKV step: r=k=v=a=b=0 and a decay of exactly 1
+# (sigmoid(-1e4) == 0 in float32), so it never changes the state (spec, pitfalls: padding).
+PAD_DECAY_LOGIT = -1e4
+
+
+def up(t: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32; float32/float64 unchanged (so a float64 model stays float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor | None, valid: torch.Tensor | None):
+    """The previous token's x for each position, and the new carried shift state.
+
+    x: [B, T, C]; prev: [B, C] or None (zeros, as in training); valid: [B, T] bool or None.
+    With a mask, padded positions are skipped: each position sees the last *real* token before it
+    (or `prev`), and the carried state is the last real token's x.
+    """
+    B, T, C = x.shape
+    if prev is None:
+        prev = x.new_zeros(B, C)
+    prev = prev.to(x.dtype)
+    if valid is None:
+        shifted = torch.cat([prev[:, None], x[:, :-1]], dim=1)
+        return shifted, x[:, -1]
+    idx = torch.arange(T, device=x.device).expand(B, T)
+    last_valid = torch.where(valid, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # [B, T]
+    src = torch.cat([prev[:, None], x], dim=1)  # index 0 = prev, t+1 = x_t
+    before = torch.cat([idx.new_full((B, 1), -1), last_valid[:, :-1]], dim=1) + 1
+    shifted = torch.gather(src, 1, before[..., None].expand(B, T, C))
+    new_prev = torch.gather(src, 1, (last_valid[:, -1:] + 1)[..., None].expand(B, 1, C))[:, 0]
+    return shifted, new_prev
+
+
+def _ortho_(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Official `ortho_init`: orthogonal with gain sqrt(rows/cols) when rows > cols, times `scale`."""
+    rows, cols = t.shape
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    with torch.no_grad():
+        nn.init.orthogonal_(t, gain=gain * scale)
+    return t
+
+
+class RWKV7TimeMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, first_rwkv: bool):
+        super().__init__()
+        C, N = cfg.hidden_size, cfg.head_size
+        H = C // N
+        self.cfg, self.layer_id, self.first_rwkv = cfg, layer_id, first_rwkv
+        self.n_head, self.head_size = H, N
+        d = cfg.lora_dims
+        p = lambda *shape: nn.Parameter(torch.empty(*shape))  # noqa: E731
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (p(1, 1, C) for _ in range(6))
+        self.w0, self.w1, self.w2 = p(1, 1, C), p(C, d["w"]), p(d["w"], C)
+        self.a0, self.a1, self.a2 = p(1, 1, C), p(C, d["a"]), p(d["a"], C)
+        self.v0, self.v1, self.v2 = p(1, 1, C), p(C, d["v"]), p(d["v"], C)
+        self.g1, self.g2 = p(C, d["g"]), p(d["g"], C)
+        self.k_k, self.k_a, self.r_k = p(1, 1, C), p(1, 1, C), p(H, N)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        # eps = 1e-5 * N: 64e-5 at the official N = 64 (head_size_divisor 8, RWKV-LM #282).
+        self.ln_x = nn.GroupNorm(H, C, eps=1e-5 * N)
+        if cfg.rwkv_use_learnable_states:
+            self.time_state = nn.Parameter(torch.zeros(H, N, N))  # [head, value, key]
+            self.shift_state = nn.Parameter(torch.zeros(C))
+        if first_rwkv:  # the value residual of the first RWKV layer is unused (kept for checkpoint parity)
+            for t in (self.v0, self.v1, self.v2):
+                t.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg, C, L, l = self.cfg, self.cfg.hidden_size, self.cfg.num_layers, self.layer_id
+        N = self.head_size
+        r01 = l / (L - 1) if L > 1 else 0.0
+        r10 = 1.0 - l / L
+        dev = self.x_r.device
+        ddd = (torch.arange(C, device=dev, dtype=torch.float64) / C).view(1, 1, C)
+        n = torch.arange(C, device=dev, dtype=torch.float64)
+        lin = n / (C - 1) - 0.5
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zig = z * z.abs()
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+        set_ = lambda prm, val: prm.copy_(val.reshape(prm.shape).to(prm.dtype))  # noqa: E731
+        set_(self.x_r, 1 - ddd ** (0.2 * r10))
+        set_(self.x_g, 1 - ddd ** (0.2 * r10))
+        set_(self.x_w, 1 - ddd ** (0.9 * r10))
+        set_(self.x_a, 1 - ddd ** (0.9 * r10))
+        set_(self.x_k, 1 - ddd ** (0.7 * r10))
+        set_(self.x_v, 1 - ddd ** (0.7 * r10))
+        set_(self.w0, www + 0.5 + 2.5 * zig)
+        set_(self.a0, -0.19 + 0.3 * zig + 0.4 * lin)
+        set_(self.v0, 0.73 - 0.4 * lin)
+        set_(self.k_k, 0.71 - 0.1 * lin)
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        for lora in (self.w1, self.a1, self.v1, self.g1):
+            lora.zero_()
+        for lora in (self.w2, self.a2, self.v2, self.g2):
+            _ortho_(lora, 0.1)
+        _ortho_(self.receptance.weight, 1.0)
+        _ortho_(self.value.weight, 1.0)
+        _ortho_(self.key.weight, 0.1)
+        self.output.weight.zero_()
+        self.ln_x.weight.copy_(torch.full((C,), ((l + 1) / L) ** 0.7))
+        self.ln_x.bias.zero_()
+        if hasattr(self, "time_state"):
+            self.time_state.zero_()
+            self.shift_state.zero_()
+
+    def forward(self, x, v_first, shift, wkv_state, valid=None, split=None):
+        """x: [B, T, C] ln1 output. Returns (out, v_first, new_shift, new_wkv_state, mid) where `mid` is
+        (shift, wkv_state) after the first `split` tokens (for chunk overlap), or None."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        prev, new_shift = token_shift(x, shift, valid)
+        xx = prev - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        # Decay logit in float32 (never let the decay itself round to 1 in half precision).
+        w = up(self.w0) + up(torch.tanh(xw @ self.w1) @ self.w2)
+        if v_first is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        # kk from the unmodified k, normalised in float32 (fp16 under/overflows here: spec pitfalls).
+        kk = F.normalize(up(k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        dt = r.dtype
+        rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N).to(dt), v.view(B, T, H, N).to(dt)
+        ah = (-kk).to(dt)
+        bh = (kk * up(a).view(B, T, H, N)).to(dt)
+        wh = w.view(B, T, H, N)
+        if valid is not None:
+            m = valid[:, :, None, None]
+            rh, kh, vh, ah, bh = (t * m.to(t.dtype) for t in (rh, kh, vh, ah, bh))
+            wh = torch.where(m, wh, torch.full_like(wh, PAD_DECAY_LOGIT))
+        impl = self.cfg.wkv_impl
+        mid = None
+        if split is not None and 0 < split < T:
+            y1, s_mid = wkv(rh[:, :split], wh[:, :split], kh[:, :split], vh[:, :split], ah[:, :split],
+                            bh[:, :split], wkv_state, impl=impl)
+            y2, s_end = wkv(rh[:, split:], wh[:, split:], kh[:, split:], vh[:, split:], ah[:, split:],
+                            bh[:, split:], s_mid, impl=impl)
+            y = torch.cat([y1, y2], dim=1)
+            _, shift_mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])
+            mid = (shift_mid, s_mid)
+        else:
+            y, s_end = wkv(rh, wh, kh, vh, ah, bh, wkv_state, impl=impl)
+            if split == T:
+                mid = (new_shift, s_end)
+        y = self.ln_x(up(y).reshape(B * T, C)).view(B, T, C)
+        # Bonus term uses the modified k and the mixed v.
+        bonus = (up(r).view(B, T, H, N) * up(k).view(B, T, H, N) * up(self.r_k)).sum(-1, keepdim=True)
+        y = y + (bonus * up(v).view(B, T, H, N)).view(B, T, C)
+        out = self.output(y * up(g))
+        return out, v_first, new_shift, s_end, mid
+
+
+class RWKV7ChannelMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        C = cfg.hidden_size
+        self.cfg, self.layer_id = cfg, layer_id
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, cfg.ffn_size, bias=False)
+        self.value = nn.Linear(cfg.ffn_size, C, bias=False)
+        if cfg.rwkv_use_learnable_states:
+            self.shift_state = nn.Parameter(torch.zeros(C))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        C, L = self.cfg.hidden_size, self.cfg.num_layers
+        r10 = 1.0 - self.layer_id / L
+        ddd = torch.arange(C, dtype=torch.float64) / C
+        self.x_k.copy_((1 - ddd ** (r10**4)).view(1, 1, C).to(self.x_k.dtype))
+        with torch.no_grad():
+            nn.init.orthogonal_(self.key.weight, gain=1.0)
+        self.value.weight.zero_()
+        if hasattr(self, "shift_state"):
+            self.shift_state.zero_()
+
+    def forward(self, x, shift, valid=None, split=None):
+        prev, new_shift = token_shift(x, shift, valid)
+        k = x + (prev - x) * self.x_k
+        out = self.value(torch.relu(self.key(k)) ** 2)
+        mid = None
+        if split is not None:
+            _, mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])
+        return out, new_shift, mid
+
+
+class RWKV7Block(nn.Module):
+    """ln1 → time-mix → residual; ln2 → channel-mix → residual. Block 0 also owns ln0."""
+
+    is_rwkv_block = True
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, first_rwkv: bool):
+        super().__init__()
+        C = cfg.hidden_size
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = RWKV7TimeMix(cfg, layer_id, first_rwkv)
+        self.ffn = RWKV7ChannelMix(cfg, layer_id)
+
+    def reset_parameters(self) -> None:
+        for ln in (getattr(self, "ln0", None), self.ln1, self.ln2):
+            if ln is not None:
+                nn.init.ones_(ln.weight)
+                nn.init.zeros_(ln.bias)
+        self.att.reset_parameters()
+        self.ffn.reset_parameters()
+
+    def initial_state(self, batch: int, device, dtype):
+        """Zeros, or the learnable states broadcast over the batch."""
+        att, C, H, N = self.att, self.att.cfg.hidden_size, self.att.n_head, self.att.head_size
+        if hasattr(att, "time_state"):
+            return (att.shift_state.to(dtype).expand(batch, C), up(att.time_state).expand(batch, H, N, N),
+                    self.ffn.shift_state.to(dtype).expand(batch, C))
+        return None, None, None
+
+    def forward(self, x, v_first, state, valid=None, split=None):
+        """state: RWKVLayerState-like tuple (att_shift, wkv, ffn_shift) or None.
+        Returns x, v_first, new_state tuple, mid_state tuple (or None)."""
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        att_shift, wkv_state, ffn_shift = state
+        h = self.ln1(x)
+        dx, v_first, att_shift_new, wkv_new, att_mid = self.att(h, v_first, att_shift, wkv_state, valid, split)
+        x = x + dx
+        h = self.ln2(x)
+        dx, ffn_shift_new, ffn_mid = self.ffn(h, ffn_shift, valid, split)
+        x = x + dx
+        mid = None
+        if att_mid is not None:
+            mid = (att_mid[0], att_mid[1], ffn_mid)
+        return x, v_first, (att_shift_new, wkv_new, ffn_shift_new), mid

@@ -1,0 +1,66 @@
+"""The one dispatch point for the WKV-7 operator.
+
+    y, state = wkv(r, w, k, v, a, b, state=None, impl="auto")
+
+r, w, k, v, a, b: [B, T, H, N] (float32, float16, bfloat16 or float64). `w` is the raw decay logit
+(decay computed in float32 inside). `a` is the in-context "a_in" (= -kk) and `b` is "b_in" (= kk * a).
+state: optional [B, H, N, N] float32 initial state, layout [batch, head, value, key].
+Returns y in the dtype of r and the final state in float32 (float64 for float64 inputs).
+
+Implementations:
+  "sequential": ops/wkv_reference.py, the plain recurrence (reference; slow).
+  "chunked":    ops/wkv_chunked.py, chunk-parallel PyTorch with autograd (CPU and GPU fallback).
+  "cuda":       rwkv_cuda/, the compiled kernel (GPU only; falls back to "chunked" if it can't load).
+  "auto":       cuda on GPU when the kernel loads, else chunked; sequential for single tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kaggletrain.ops.decay import decay_log
+from kaggletrain.ops.wkv_reference import wkv_sequential
+
+IMPLS = ("auto", "sequential", "chunked", "cuda")
+
+__all__ = ["wkv", "decay_log", "IMPLS", "resolve_impl"]
+
+
+def _chunked(*args, **kwargs):
+    from kaggletrain.ops.wkv_chunked import wkv_chunked
+
+    return wkv_chunked(*args, **kwargs)
+
+
+def _cuda_available_for(r: torch.Tensor) -> bool:
+    if not r.is_cuda or r.dtype == torch.float64:
+        return False
+    try:
+        from rwkv_cuda import kernel_available
+    except ImportError:
+        return False
+    return kernel_available(r.shape[-1])
+
+
+def resolve_impl(impl: str, r: torch.Tensor) -> str:
+    """Which implementation `wkv(..., impl=impl)` will actually run for inputs like `r`."""
+    if impl not in IMPLS:
+        raise ValueError(f"wkv impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "cuda":
+        return "cuda" if _cuda_available_for(r) else "chunked"
+    if impl != "auto":
+        return impl
+    if r.shape[1] == 1:
+        return "sequential"
+    return "cuda" if _cuda_available_for(r) else "chunked"
+
+
+def wkv(r, w, k, v, a, b, state=None, impl: str = "auto"):
+    which = resolve_impl(impl, r)
+    if which == "sequential":
+        return wkv_sequential(r, w, k, v, a, b, state)
+    if which == "cuda":
+        from rwkv_cuda import wkv_cuda
+
+        return wkv_cuda(r, w, k, v, a, b, state)
+    return _chunked(r, w, k, v, a, b, state)
