@@ -1,0 +1,58 @@
+"""`kaggletrain train CONFIG [section.key=value ...]`: the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kaggletrain.cli import app
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Path = typer.Argument(..., help="YAML run config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-4"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                          help="Continue the run in out_dir from its latest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run a few real steps in a temporary directory and "
+                                 "report speed, memory and projected cost; leaves the run directory untouched."),
+    steps: int = typer.Option(10, "--steps", min=2, help="Steps of a dry run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the dry-run report as JSON."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar."),
+):
+    """Train a model from a YAML config."""
+    from kaggletrain.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    if dry_run:
+        from kaggletrain.train.dry_run import dry_run as run_dry, render_report
+
+        report = run_dry(cfg, steps=steps)
+        render_report(report, as_json=json_out)
+        return
+    from rich.console import Console
+
+    from kaggletrain.train.loop import Trainer
+
+    console = Console()
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        trainer.setup()
+        if trainer.dist.is_main:
+            m = trainer.model
+            console.print(f"[bold]{cfg.name}[/]: {m.num_parameters():,} parameters "
+                          f"({m.num_parameters(trainable_only=True):,} trainable), device {trainer.device}, "
+                          f"precision {trainer.precision.name}, world size {trainer.dist.world_size}, "
+                          f"batch {cfg.train.batch_size}x{cfg.train.seq_len} (accumulation {trainer.accum})"
+                          + (f", resumed at step {trainer.step}" if trainer.step else ""))
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
+        console.print(f"[green]done[/]: step {summary.steps}, train loss {summary.train_loss:.4f}, val loss {val}, "
+                      f"{summary.tokens_per_s:,.0f} tok/s, {summary.elapsed_s:.1f} s; checkpoint {summary.checkpoint}")
+        if summary.stopped_by_signal:
+            raise typer.Exit(code=130)

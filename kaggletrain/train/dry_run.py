@@ -1,0 +1,219 @@
+"""`kaggletrain train CONFIG --dry-run`: the real training path for a few steps, in a temporary directory.
+
+Answers before any GPU quota is spent: does it fit, how fast is it, what will the whole run cost.
+The run directory named by the config is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KAGGLE_SESSION_HOURS = 12.0
+T4_MEMORY_GB = 16.0
+# Optimizer-state bytes per trainable parameter: fp32 weight + grad + AdamW exp_avg + exp_avg_sq.
+BYTES_PER_TRAINABLE = 16
+BYTES_PER_FROZEN = 4
+
+
+def _rss_peak_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _attention_backend(device: torch.device, has_attention: bool) -> str:
+    if not has_attention:
+        return "none (pure RWKV)"
+    if device.type != "cuda":
+        return "SDPA (CPU kernels)"
+    flash = torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 8
+    return "SDPA (flash)" if flash else "SDPA (memory-efficient/math)"
+
+
+def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
+    from kaggletrain.ops.wkv import resolve_impl
+    from kaggletrain.train.loop import Trainer
+
+    steps = max(2, steps)
+    warmup = min(2, steps - 1)
+    tmp = tempfile.TemporaryDirectory(prefix="kaggletrain-dry-")
+    dcfg = copy.deepcopy(cfg)
+    dcfg.out_dir = str(Path(tmp.name) / "run")
+    dcfg.logging = dataclasses.replace(dcfg.logging, progress=False, tensorboard=False, plot=False)
+    dcfg.checkpoint = dataclasses.replace(dcfg.checkpoint, resume=False)
+    rss_before = _rss_peak_bytes()
+    t_setup = time.perf_counter()
+    trainer = Trainer(dcfg, resume=False, progress=False)
+    try:
+        trainer.setup()
+        setup_s = time.perf_counter() - t_setup
+        device = trainer.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
+        oom = None
+        try:
+            for _ in range(steps):
+                res = trainer.train_step()
+                times.append(res.seconds)
+                losses.append(res.loss)
+        except torch.cuda.OutOfMemoryError as e:  # only on GPU
+            oom = str(e).splitlines()[0]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak_bytes()
+        t0 = time.perf_counter()
+        path = trainer.save()
+        trainer.load(path)
+        ckpt_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        val = trainer.evaluate(max_batches=1)
+        eval_batch_s = time.perf_counter() - t0
+        report = _report(cfg, trainer, times[warmup:], losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s,
+                         val, oom, resolve_impl)
+        if oom and device.type == "cuda":
+            report["suggestion"] = _search_fitting_batch(cfg, trainer)
+        return report
+    finally:
+        trainer.close()
+        tmp.cleanup()
+
+
+def _report(cfg, trainer, times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom, resolve_impl):
+    t, model, device = cfg.train, trainer.model, trainer.device
+    n_params = model.num_parameters()
+    n_train = model.num_parameters(trainable_only=True)
+    tokens_per_step = t.batch_size * t.seq_len
+    step_s = statistics.median(times) if times else float("nan")
+    spread = (min(times), max(times)) if times else (float("nan"), float("nan"))
+    n_evals = (t.max_steps // t.eval_interval) if t.eval_interval else 0
+    n_ckpts = (t.max_steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0) + 1
+    projected_s = t.max_steps * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
+    static = n_train * BYTES_PER_TRAINABLE + (n_params - n_train) * BYTES_PER_FROZEN
+    activation = max(0, peak - (static if device.type == "cuda" else rss_before + static))
+    # Activations scale with precision (fp16 halves fp32 activations) and with the per-GPU micro batch.
+    act_scale = 0.5 if trainer.precision.name == "fp32" else 1.0
+    t4_bytes = static + activation * act_scale
+    probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
+                        dtype=trainer.precision.amp_dtype or torch.float32)
+    warnings = []
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if t.precision == "bf16" and cap[0] < 8:
+            warnings.append("bf16 requested on a GPU without native bf16 (T4): use fp16 or auto")
+        total = torch.cuda.get_device_properties(device).total_memory
+        if peak < 0.25 * total and not oom:
+            warnings.append(f"peak memory {peak / 2**30:.1f} GiB of {total / 2**30:.0f} GiB: a larger "
+                            f"micro_batch_size would use the GPU better")
+    if t.seq_len % 16:
+        warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
+    if device.type == "cpu" and t.precision in ("fp16", "bf16"):
+        warnings.append(f"{t.precision} on CPU is emulated and usually slower than fp32")
+    return {
+        "config": cfg.source,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "parameters": n_params,
+        "trainable_parameters": n_train,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": step_s,
+        "step_time_spread_s": list(spread),
+        "tokens_per_s": tokens_per_step / step_s if step_s and math.isfinite(step_s) else None,
+        "measured_steps": len(times),
+        "peak_memory_bytes": int(peak),
+        "peak_memory_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "projected_run_s": projected_s,
+        "projected_run_h": projected_s / 3600,
+        "fits_kaggle_session": projected_s / 3600 <= KAGGLE_SESSION_HOURS,
+        "projected_t4_memory_gb": t4_bytes / 1e9,
+        "fits_t4": t4_bytes / 1e9 <= T4_MEMORY_GB * 0.92,
+        "t4_memory_method": ("static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen x 4 B; "
+                             "activations = measured peak minus static (minus the process baseline on CPU), "
+                             "halved when measured in fp32 since a T4 trains in fp16; per-GPU micro batch as configured"),
+        "precision": trainer.precision.name,
+        "wkv_impl": resolve_impl(model.config.wkv_impl, probe),
+        "attention_backend": _attention_backend(device, bool(model.config.attention_layers)),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "val_loss_one_batch": val,
+        "checkpoint_roundtrip_s": ckpt_s,
+        "out_of_memory": oom,
+        "warnings": warnings,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def _search_fitting_batch(cfg, trainer) -> dict:
+    """After an OOM: halve the per-GPU micro batch (then try gradient checkpointing) until a step fits."""
+    world = trainer.dist.world_size
+    micro = cfg.train.micro_batch(world)
+    for ckpt_on in (cfg.train.gradient_checkpointing, True):
+        m = micro
+        while m >= 1:
+            trial = copy.deepcopy(cfg)
+            trial.train = dataclasses.replace(trial.train, micro_batch_size=m, gradient_checkpointing=ckpt_on,
+                                              batch_size=max(m * world, cfg.train.batch_size // (m * world) * m * world))
+            try:
+                torch.cuda.empty_cache()
+                rep = dry_run(trial, steps=2)
+                if not rep.get("out_of_memory"):
+                    return {"micro_batch_size": m, "gradient_checkpointing": ckpt_on}
+            except torch.cuda.OutOfMemoryError:
+                pass
+            m //= 2
+    return {"micro_batch_size": None, "note": "no batch fits; enable train.use_chunking or use a smaller model"}
+
+
+def render_report(report: dict, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dry run: {report['config']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    rows = [
+        ("device", f"{report['device']} ({report['device_name']})"),
+        ("parameters", f"{report['parameters']:,} ({report['trainable_parameters']:,} trainable)"),
+        ("tokens per step", f"{report['tokens_per_step']:,}"),
+        ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms"),
+        ("tokens/s", f"{report['tokens_per_s']:,.0f}" if report["tokens_per_s"] else "n/a"),
+        ("peak memory", f"{gb(report['peak_memory_bytes'])} ({report['peak_memory_source']})"),
+        ("projected run time", f"{report['projected_run_h']:.2f} h "
+                               f"({'fits' if report['fits_kaggle_session'] else 'does NOT fit'} a 12 h Kaggle session)"),
+        ("projected T4 memory", f"{report['projected_t4_memory_gb']:.2f} GB "
+                                f"({'fits' if report['fits_t4'] else 'does NOT fit'} 16 GB)"),
+        ("precision / WKV / attention", f"{report['precision']} / {report['wkv_impl']} / {report['attention_backend']}"),
+        ("loss first → last", f"{report['first_loss']:.4f} → {report['last_loss']:.4f}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console = Console()
+    console.print(table)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+    if report.get("out_of_memory"):
+        console.print(f"[red]out of memory:[/] {report['out_of_memory']}; suggestion: {report.get('suggestion')}")

@@ -1,0 +1,62 @@
+"""Evaluate a saved checkpoint: loss, perplexity and bits per byte on validation windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kaggletrain.errors import CheckpointError
+from kaggletrain.train import checkpoint as ckpt
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    for root in (path / "checkpoints", path):
+        found = ckpt.latest_checkpoint(root)
+        if found is not None:
+            return found
+    if (path / "model.safetensors").exists():
+        return path
+    raise CheckpointError(f"{path}: no kaggletrain checkpoint found (expected model.safetensors + config.json)")
+
+
+def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int] = None) -> dict:
+    import yaml
+
+    from kaggletrain.config import config_from_dict
+    from kaggletrain.data import eval_batches
+    from kaggletrain.train.loop import Trainer
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    meta = ckpt.read_meta(ckpt_dir)
+    run_yaml = ckpt_dir / "run_config.yaml"
+    if not run_yaml.exists():
+        raise CheckpointError(f"{ckpt_dir}: no run_config.yaml; eval needs a checkpoint written by `kaggletrain train`")
+    raw = yaml.safe_load(run_yaml.read_text())
+    cfg = config_from_dict(raw, source=str(run_yaml), overrides=overrides)
+    trainer = Trainer(cfg, resume=True, progress=False)
+    trainer.setup(out_dir_writable=False)
+    trainer.load(ckpt_dir)
+    t = cfg.train
+    n = batches or t.eval_batches
+    val = trainer.data.val_tokens
+    if val is None or len(val) < t.seq_len + 1:
+        raise CheckpointError(f"{cfg.data.source}: validation split shorter than one sequence of {t.seq_len} tokens")
+    batches_xy = eval_batches(val, t.seq_len, trainer.micro, n)
+    t0 = time.perf_counter()
+    loss = trainer.evaluate(max_batches=n)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(int(y.numel()) for _, y in batches_xy)
+    # Bits per byte: total nats over the UTF-8 bytes the target tokens decode to.
+    tok = trainer.tokenizer
+    n_bytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for _, y in batches_xy for row in y)
+    bpb = loss * n_tokens / math.log(2) / max(n_bytes, 1)
+    return {"checkpoint": str(ckpt_dir), "step": meta.get("step"), "val_loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bpb, "tokens": n_tokens,
+            "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0}

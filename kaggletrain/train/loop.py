@@ -1,0 +1,423 @@
+"""The training loop: config → data → model → steps → checkpoints, resumable and crash-safe.
+
+`Trainer(cfg).fit()` runs a whole configured run. The pieces (`setup`, `train_step`, `evaluate`,
+`save`) are separate so the dry run (train/dry_run.py) exercises the very same code.
+Under torchrun every rank runs this; rank 0 alone logs, evaluates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kaggletrain.config import RunConfig, save_config
+from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError
+from kaggletrain.train import checkpoint as ckpt
+from kaggletrain.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, dist_info_from_env,
+                                           init_distributed)
+from kaggletrain.train.metrics import MetricsWriter, plot_loss
+from kaggletrain.train.optim import build_optimizer, lr_at, set_lr
+from kaggletrain.train.precision import resolve_device, resolve_precision
+
+MAX_NONFINITE_STEPS = 3
+
+
+class TrainingError(KaggletrainError):
+    """The run cannot continue (non-finite loss, failed write); the last good checkpoint is kept."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass
+class RunSummary:
+    out_dir: str
+    steps: int
+    train_loss: Optional[float]
+    val_loss: Optional[float]
+    tokens_per_s: float
+    elapsed_s: float
+    checkpoint: Optional[str]
+    stopped_by_signal: bool = False
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, resume: Optional[bool] = None, progress: Optional[bool] = None,
+                 dist: Optional[DistInfo] = None):
+        self.cfg = cfg
+        self.dist = dist or dist_info_from_env()
+        self.resume = cfg.checkpoint.resume if resume is None else resume
+        self.show_progress = cfg.logging.progress if progress is None else progress
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self, *, out_dir_writable: bool = True) -> "Trainer":
+        cfg, t = self.cfg, self.cfg.train
+        self.device = resolve_device(t.device, self.dist.local_rank)
+        init_distributed(self.dist, self.device)
+        self.accum = cfg.validate_for_world_size(self.dist.world_size)
+        self.micro = t.micro_batch(self.dist.world_size)
+        self.precision = resolve_precision(t.precision, self.device)
+        if self.precision.name == "bf16" and self.device.type == "cuda":
+            from kaggletrain.train.precision import native_bf16
+
+            if not native_bf16(self.device):
+                raise ConfigError("train.precision: bf16 requested but this GPU has no native bf16 "
+                                  "(T4/sm_75): use fp16 or auto")
+        torch.manual_seed(t.seed)
+        self._prepare_data()
+        self._build_model()
+        if out_dir_writable:
+            self._resume_or_start()
+        return self
+
+    def _prepare_data(self) -> None:
+        from kaggletrain.data import WindowSampler, check_vocab, prepare_data
+
+        # Rank 0 tokenises (and fills the cache) first; the others then read the cache.
+        if self.dist.is_main:
+            self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len,
+                                     progress=self.show_progress)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len, progress=False)
+        self.tokenizer = self.data.tokenizer
+        self.model_config = self.cfg.model_config(vocab_size=self.tokenizer.vocab_size)
+        check_vocab(self.data.train_tokens, self.model_config.vocab_size, str(self.cfg.data.source))
+        self.sampler = WindowSampler(self.data.train_tokens, self.cfg.train.seq_len,
+                                     global_batch=self.cfg.train.batch_size, seed=self.cfg.train.seed,
+                                     rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _build_model(self) -> None:
+        from kaggletrain.model import RWKVModel
+
+        cfg, t = self.cfg, self.cfg.train
+        model = RWKVModel(self.model_config)
+        init_from = cfg.model.get("init_from")
+        if init_from:
+            self._init_from(model, init_from)
+        if t.state_tuning:
+            if not self.model_config.rwkv_use_learnable_states:
+                raise ConfigError("train.state_tuning: needs model.rwkv_use_learnable_states: true")
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.endswith(("time_state", "shift_state")))
+        if t.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if self.precision.amp_dtype is not None:
+            model.enable_mixed_precision(self.precision.amp_dtype)
+        model.to(self.device)
+        self.model = model
+        self.ddp_model = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.use_scaler)
+        self.step = 0
+
+    def _init_from(self, model, path: str) -> None:
+        try:
+            from kaggletrain.interop import load_state_dict_any
+        except ImportError:
+            load_state_dict_any = None
+        p = Path(path)
+        if load_state_dict_any is not None:
+            sd = load_state_dict_any(p)
+        else:
+            target = ckpt.latest_checkpoint(p / "checkpoints") or ckpt.latest_checkpoint(p) or p
+            sd = ckpt.load_model_state(target)
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd and not k.endswith(("time_state", "shift_state", "att.v0",
+                                                                    "att.v1", "att.v2"))]
+        shape_bad = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or shape_bad:
+            what = f"missing {missing[:3]}" if missing else \
+                f"{shape_bad[0]} has shape {tuple(sd[shape_bad[0]].shape)}, model expects {tuple(own[shape_bad[0]].shape)}"
+            raise CheckpointError(f"model.init_from: {path}: does not fit this model ({what})")
+        model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+    # ------------------------------------------------------------------------------------------
+    def _resume_or_start(self) -> None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is not None and self.resume is False:
+            raise KaggletrainError(
+                f"{self.out_dir}: already holds checkpoints ({latest.name}); pass --resume to continue it, "
+                f"or choose another name/out_dir (nothing was overwritten)")
+        if latest is not None:
+            self.load(latest)
+        elif self.resume is True and self.dist.is_main:
+            raise KaggletrainError(f"--resume: no checkpoint found under {self.ckpt_root}")
+        if self.dist.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.out_dir / "config.yaml")
+                (self.out_dir / "tokenizer.json").write_text(json.dumps(self.tokenizer.to_dict()))
+            except OSError as e:
+                raise TrainingError(f"{self.out_dir}: cannot write the run directory ({e.strerror or e})") from None
+
+    def load(self, ckpt_dir: Path) -> None:
+        meta = ckpt.read_meta(ckpt_dir)
+        sd = ckpt.load_model_state(ckpt_dir)
+        own = self.model.state_dict()
+        bad = [k for k in own if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
+        if bad:
+            k = bad[0]
+            found = "missing" if k not in sd else f"shape {tuple(sd[k].shape)}"
+            raise CheckpointError(f"{ckpt_dir}: checkpoint does not match this config's model "
+                                  f"({k}: {found}, expected {tuple(own[k].shape)})")
+        self.model.load_state_dict(sd)
+        state = ckpt.load_trainer_state(ckpt_dir)
+        self.step = int(meta.get("step", 0))
+        if state is not None:
+            if state.get("optimizer") is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if state.get("rng") is not None:
+                ckpt.set_rng_state(state["rng"])
+            if state.get("sampler") is not None:
+                self.sampler.load_state_dict(state["sampler"])
+            self.step = int(state.get("step", self.step))
+        self.resumed_from = ckpt_dir
+
+    def save(self) -> Optional[Path]:
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return None
+        c = self.cfg.checkpoint
+        trainer_state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict() if c.save_optimizer else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": ckpt.rng_state(),
+            "sampler": self.sampler.state_dict(),
+            "world_size": self.dist.world_size,
+        }
+        import yaml
+
+        try:
+            path = ckpt.save_checkpoint(
+                self.ckpt_root, self.step, model_state=self.model.state_dict(),
+                meta=ckpt.model_meta(self.model_config.to_dict(), self.step, {"precision": self.precision.name}),
+                trainer_state=trainer_state, run_config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
+                tokenizer=self.tokenizer.to_dict(), keep_last=c.keep_last)
+        except OSError as e:
+            raise TrainingError(f"{self.ckpt_root}: checkpoint write failed ({e.strerror or e}); "
+                                f"the previous checkpoint is intact") from None
+        barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    def _forward_loss(self, x, y):
+        t = self.cfg.train
+        out = self.ddp_model(x, labels=y, shift_labels=False, use_chunking=t.use_chunking,
+                             return_logits=False, bptt=t.bptt, l2wrap=t.l2wrap)
+        return out.loss
+
+    def train_step(self) -> StepResult:
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, lr=t.lr, min_lr=t.final_lr(), warmup=t.warmup_steps, total=t.max_steps,
+                   schedule=t.lr_schedule)
+        set_lr(self.optimizer, lr)
+        x, y = self.sampler.batch(self.step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            xs, ys = x[i * self.micro:(i + 1) * self.micro], y[i * self.micro:(i + 1) * self.micro]
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and i < self.accum - 1:
+                sync = self.ddp_model.no_sync()
+            with sync:
+                loss = self._forward_loss(xs, ys) / self.accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_val = float(all_reduce_mean(total, self.dist))
+        skipped = False
+        if not math.isfinite(loss_val) and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)
+            skipped = True
+        else:
+            if t.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if scale_before is not None and self.scaler.get_scale() < scale_before:
+                skipped = True  # fp16 overflow: GradScaler skipped this step and lowered the scale
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(loss_val, lr, x.numel() * self.dist.world_size, time.perf_counter() - t0, skipped)
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
+        """Mean validation loss over fixed windows (the same windows at every evaluation)."""
+        from kaggletrain.data import eval_batches
+
+        t = self.cfg.train
+        val = self.data.val_tokens
+        if val is None or len(val) < t.seq_len + 1:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for x, y in eval_batches(val, t.seq_len, self.micro, max_batches or t.eval_batches):
+                x, y = x.to(self.device), y.to(self.device)
+                out = self.model(x, labels=y, shift_labels=False, use_chunking=t.use_chunking, return_logits=False)
+                total += float(out.loss) * out.num_targets
+                count += out.num_targets
+        finally:
+            self.model.train()
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        previous = []
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous.append((sig, signal.signal(sig, handler)))
+        return previous
+
+    def fit(self) -> RunSummary:
+        cfg, t = self.cfg, self.cfg.train
+        if not hasattr(self, "model"):
+            self.setup()
+        is_main = self.dist.is_main
+        start_step = self.step
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl",
+                                self.out_dir / "tensorboard" if cfg.logging.tensorboard else None,
+                                resume_from_step=start_step) if is_main else None
+        previous = self._install_signal_handlers()
+        if t.detect_anomaly:
+            torch.autograd.set_detect_anomaly(True)
+        history, last_ckpt, val_loss, train_loss = [], None, None, None
+        tokens_done, time_done = 0, 0.0
+        nonfinite = 0
+        t_start = time.perf_counter()
+        progress = _Progress(enabled=is_main and self.show_progress, total=t.max_steps, start=start_step,
+                             name=cfg.name)
+        try:
+            with progress:
+                while self.step < t.max_steps:
+                    res = self.train_step()
+                    if not math.isfinite(res.loss) and not self.scaler.is_enabled():
+                        nonfinite += 1
+                        if nonfinite >= MAX_NONFINITE_STEPS:
+                            keep = ckpt.latest_checkpoint(self.ckpt_root)
+                            raise TrainingError(
+                                f"loss is not finite for {nonfinite} steps in a row (step {self.step}); stopped. "
+                                f"Last good checkpoint: {keep or 'none yet'}. Try a lower train.lr, "
+                                f"train.precision=fp32, or train.detect_anomaly=true")
+                    else:
+                        nonfinite = 0
+                    if self.step > start_step + 1 or self.step == t.max_steps:  # first step includes warm-up
+                        tokens_done += res.tokens
+                        time_done += res.seconds
+                    tps = tokens_done / time_done if time_done > 0 else res.tokens / max(res.seconds, 1e-9)
+                    if math.isfinite(res.loss):
+                        train_loss = res.loss
+                    record = {"step": self.step, "loss": res.loss, "lr": res.lr, "tokens_per_s": round(tps, 1),
+                              "step_s": round(res.seconds, 4), "skipped": res.skipped}
+                    do_eval = t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.max_steps)
+                    if do_eval and is_main:
+                        val_loss = self.evaluate()
+                        record["val_loss"] = val_loss
+                    barrier(self.dist) if do_eval else None
+                    if is_main and (self.step % cfg.logging.log_interval == 0 or "val_loss" in record
+                                    or self.step == t.max_steps):
+                        metrics.log(record)
+                    history.append(record)
+                    progress.update(self.step, res.loss, res.lr, tps, val_loss)
+                    every = cfg.checkpoint.every_steps
+                    if (every and self.step % every == 0) or self.step == t.max_steps or self._stop_signal:
+                        last_ckpt = self.save()
+                    if self._stop_signal is not None:
+                        progress.note(f"received signal {self._stop_signal}: checkpoint saved at step {self.step}")
+                        break
+        finally:
+            for sig, prev in previous:
+                signal.signal(sig, prev)
+            if t.detect_anomaly:
+                torch.autograd.set_detect_anomaly(False)
+            if metrics is not None:
+                metrics.close()
+        if is_main and cfg.logging.plot:
+            plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        elapsed = time.perf_counter() - t_start
+        summary = RunSummary(str(self.out_dir), self.step, train_loss, val_loss,
+                             tokens_done / time_done if time_done else 0.0, elapsed,
+                             str(last_ckpt) if last_ckpt else None, self._stop_signal is not None, history)
+        if is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(
+                {k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
+        return summary
+
+    def close(self) -> None:
+        cleanup(self.dist)
+
+
+class _Progress:
+    """A rich progress bar (step, loss, lr, tokens/s, ETA) or plain log lines when disabled/not a TTY."""
+
+    def __init__(self, enabled: bool, total: int, start: int, name: str):
+        self.enabled, self.total, self.start = enabled, total, start
+        self.name = name
+        self._p = None
+        self._last_print = 0.0
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._p.__enter__()
+            self._task = self._p.add_task(self.name, total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step, loss, lr, tps, val_loss):
+        info = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (f" val {val_loss:.4f}" if val_loss else "")
+        if self._p is not None:
+            self._p.update(self._task, completed=step, info=info)
+
+    def note(self, text: str) -> None:
+        if self._p is not None:
+            self._p.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+        return False

@@ -1,0 +1,76 @@
+"""Metrics: a JSON-lines file, optional TensorBoard, and the loss-curve PNG at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, tensorboard_dir: Optional[Path] = None, resume_from_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from_step is not None and self.path.exists():
+            # Keep only records up to the resumed step, so a resumed run's file reads like an uninterrupted one.
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_from_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                self._tb = None
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, record.get("step", 0))
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Optional[Path]:
+    """Train and validation loss against step. Returns None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = read_metrics(metrics_path)
+    tr = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+    va = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,168 @@
+"""Training path end to end through the real CLI (subprocesses), plus the loop's building blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kaggletrain.train import checkpoint as ckpt
+from kaggletrain.train.optim import lr_at, param_groups
+from kaggletrain.train.precision import resolve_precision
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs.\n") * 60
+
+
+def write_config(tmp_path: Path, **train) -> Path:
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    cfg = {
+        "name": "t",
+        "out_dir": str(tmp_path / "run"),
+        "model": {"hidden_size": 32, "num_layers": 2, "head_size": 16, "vocab_size": None},
+        "data": {"source": str(data), "tokenizer": "char", "cache_dir": str(tmp_path / "cache")},
+        "train": {"seq_len": 32, "batch_size": 4, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2,
+                  "eval_interval": 4, "eval_batches": 2, **train},
+        "checkpoint": {"every_steps": 4, "keep_last": 0},
+        "logging": {"log_interval": 1, "progress": False},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args, cwd=None, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kaggletrain", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def load_weights(ckpt_dir: Path) -> dict:
+    return ckpt.load_model_state(ckpt_dir)
+
+
+@pytest.mark.slow
+def test_train_resume_eval_end_to_end(tmp_path):
+    cfg = write_config(tmp_path)
+    run_cli("train", cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "summary.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    steps = sorted(p.name for p in ckpt.list_checkpoints(run / "checkpoints"))
+    assert steps == ["step-00000004", "step-00000008"]
+    full = load_weights(run / "checkpoints/step-00000008")
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert recs[-1]["loss"] < recs[0]["loss"]  # it learns
+    assert any("val_loss" in r for r in recs)
+    # The resolved config written to the run directory is itself a valid config.
+    from kaggletrain.config import load_config
+
+    assert load_config(run / "config.yaml").train.max_steps == 8
+
+    # Simulate an interruption after step 4: drop the last checkpoint, then resume.
+    shutil.rmtree(run / "checkpoints/step-00000008")
+    (run / "checkpoints/latest").write_text("step-00000004\n")
+    run_cli("train", cfg, "--resume")
+    resumed = load_weights(run / "checkpoints/step-00000008")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), f"{k} differs after resume"
+    recs2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in recs2] == [r["loss"] for r in recs]  # identical losses, no duplicates
+
+    # Starting again without --resume refuses instead of overwriting.
+    proc = run_cli("train", cfg, check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+
+    out = run_cli("eval", run, "--json").stdout
+    res = json.loads(out)
+    assert res["step"] == 8 and 0 < res["val_loss"] < 10
+    assert res["perplexity"] == pytest.approx(torch.tensor(res["val_loss"]).exp().item(), rel=1e-6)
+    assert 0 < res["bits_per_byte"] < 20 and res["tokens"] > 0
+
+
+def test_overrides_and_bad_config_errors(tmp_path):
+    cfg = write_config(tmp_path)
+    proc = run_cli("train", cfg, "train.lrr=1", check=False)
+    assert proc.returncode == 2 and "train.lrr" in proc.stderr and "did you mean" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("train", tmp_path / "missing.yaml", check=False)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+def test_param_groups_follow_official_recipe():
+    from kaggletrain import ModelConfig, RWKVModel
+
+    m = RWKVModel(ModelConfig(hidden_size=32, num_layers=2, head_size=16, vocab_size=50))
+    groups = {g["name"]: g for g in param_groups(m, weight_decay=0.1)}
+    names = {id(p): n for n, p in m.named_parameters()}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert "emb.weight" in decay and "head.weight" in decay and "blocks.1.att.key.weight" in decay
+    assert not any(n.endswith(("w1", "w2", "x_r", "ln1.weight", "ln_x.weight")) for n in decay)
+    assert {names[id(p)] for p in groups["w0_2x"]["params"]} == {"blocks.0.att.w0", "blocks.1.att.w0"}
+    assert groups["w0_2x"]["lr_scale"] == 2.0
+    # The unused value-residual LoRA of the first RWKV layer is frozen and not optimised.
+    optimised = {names[id(p)] for g in groups.values() for p in g["params"]}
+    assert not optimised & {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    assert {"blocks.1.att.v0", "blocks.1.att.v1", "blocks.1.att.v2"} <= optimised
+
+
+def test_lr_schedule_warmup_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, total=110, schedule="cosine")
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(50, **{**kw, "schedule": "constant"}) == 1.0
+
+
+def test_precision_auto_on_cpu_is_fp32():
+    p = resolve_precision("auto", torch.device("cpu"))
+    assert p.name == "fp32" and p.amp_dtype is None and not p.use_scaler
+    p = resolve_precision("fp16", torch.device("cpu"))
+    assert p.amp_dtype == torch.float16 and not p.use_scaler  # GradScaler is a GPU thing
+
+
+def test_checkpoint_pointer_falls_back_to_newest_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    sd = {"w": torch.randn(3, 3)}
+    meta = ckpt.model_meta({"hidden_size": 1}, 1)
+    ckpt.save_checkpoint(root, 1, model_state=sd, meta=meta)
+    ckpt.save_checkpoint(root, 2, model_state={"w": sd["w"] + 1}, meta=meta)
+    assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    # A half-written temporary directory (crash mid-write) is never taken as a checkpoint.
+    (root / ".tmp-step-00000003-999").mkdir()
+    (root / ".tmp-step-00000003-999" / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    # A pointer to a vanished directory falls back to the newest complete one.
+    (root / "latest").write_text("step-00000009\n")
+    assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    ckpt.save_checkpoint(root, 3, model_state=sd, meta=meta, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+
+
+def test_future_and_foreign_checkpoints_are_rejected(tmp_path):
+    from kaggletrain.errors import CheckpointError
+
+    d = tmp_path / "c"
+    ckpt.save_checkpoint(d, 1, model_state={"w": torch.ones(2)}, meta=ckpt.model_meta({}, 1))
+    step = d / "step-00000001"
+    meta = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(CheckpointError, match="newer"):
+        ckpt.read_meta(step)
+    (step / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        ckpt.load_model_state(step)
