@@ -56,6 +56,12 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
 
 
 def wkv(r, w, k, v, a, b, state=None, impl: str = "auto"):
+    # The recurrence manages its own precision (float32 state and accumulation): never under autocast.
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        return _dispatch(r, w, k, v, a, b, state, impl)
+
+
+def _dispatch(r, w, k, v, a, b, state, impl):
     which = resolve_impl(impl, r)
     if which == "sequential":
         return wkv_sequential(r, w, k, v, a, b, state)
