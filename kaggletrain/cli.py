@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     _register_commands()
     try:
-        app(args=argv, prog_name="kaggletrain", standalone_mode=False)
+        result = app(args=argv, prog_name="kaggletrain", standalone_mode=False)
+        # In non-standalone mode click returns typer.Exit's code instead of exiting.
+        if isinstance(result, int):
+            return result
     except KaggletrainError as e:
         if debug:
             raise
@@ -52,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # typer/click exits (e.g. --help)
         return int(e.code or 0)
-    except Exception as e:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors come from click, which typer may vendor (typer._click): match by interface.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             return 1
         raise
     return 0

@@ -1,0 +1,112 @@
+"""The generated notebook, executed end to end under nbclient as Kaggle would run it (CPU, tiny config).
+
+Temporary folders stand in for /kaggle/input (the attached dataset, in the current
+input/datasets/<owner>/<slug>/ layout) and /kaggle/working (the outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from kaggletrain.cli import main
+
+FAKE_KEY = "e2e-f4k3-k3y-77aa55cc33ee"
+TINY = """\
+name: tiny
+model: {hidden_size: 32, num_layers: 2, head_size: 16, vocab_size: 256}
+data: {source: corpus.txt, tokenizer: byte}
+train: {seq_len: 32, batch_size: 4, max_steps: 3, warmup_steps: 1, eval_interval: 0, eval_batches: 1}
+checkpoint: {every_steps: 0}
+"""
+
+
+def _corpus(path: Path) -> None:
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while rain falls on green hills".split()
+    path.write_text(" ".join(rng.choice(words) for _ in range(2000)))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", FAKE_KEY)  # present in the environment, must appear in no output
+    monkeypatch.setenv("KAGGLETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    _corpus(tmp_path / "corpus.txt")
+    return tmp_path
+
+
+def _assert_no_key(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            assert FAKE_KEY.encode() not in p.read_bytes(), f"credential in {p}"
+
+
+@pytest.mark.slow
+def test_generated_notebook_trains_under_nbclient(project):
+    import nbformat
+    from nbclient import NotebookClient
+
+    assert main(["push", "tiny.yaml", "--dry-run", "--dataset", "alice/tiny-text", "--out", "kernel"]) == 0
+    meta = json.loads((project / "kernel" / "kernel-metadata.json").read_text())
+    # Kaggle's side: the dataset mounted read-only under input/, an empty working/.
+    dataset = project / "input" / "datasets" / "alice" / "tiny-text"
+    dataset.mkdir(parents=True)
+    (dataset / "corpus.txt").write_text((project / "corpus.txt").read_text())
+    working = project / "working"
+    working.mkdir()
+    env = dict(os.environ, KAGGLETRAIN_KAGGLE_INPUT=str(project / "input"), KAGGLETRAIN_KAGGLE_WORKING=str(working),
+               KAGGLETRAIN_KAGGLE_PKG=str(project / "tmp"))
+    nb = nbformat.read(project / "kernel" / meta["code_file"], as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute(env=env, cwd=str(working))
+
+    run = working / "runs" / "tiny"
+    checkpoints = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert checkpoints, "no checkpoint written"
+    assert (run / "metrics.jsonl").stat().st_size > 0 and (run / "config.yaml").is_file()
+    outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert f"data.source: corpus.txt -> {dataset / 'corpus.txt'}" in outputs  # found by searching
+    from kaggletrain.kaggle.kernel_runtime import gpu_count
+
+    assert f"GPUs: {gpu_count()}" in outputs  # one process per GPU; 0 on a CPU machine
+    assert not (working / "kaggletrain").exists()  # the package was unpacked outside the outputs
+    _assert_no_key(working)
+    _assert_no_key(project / "kernel")
+
+
+@pytest.mark.slow
+def test_push_rehearse_runs_the_notebook_locally(project, capsys):
+    assert main(["push", "tiny.yaml", "--rehearse", "--rehearse-steps", "2", "--dataset", "alice/tiny-text",
+                 "--out", "kernel"]) == 0
+    out = capsys.readouterr().out
+    assert "rehearsal passed" in out
+    assert "--dry-run --steps 2" in out  # the notebook's own launch line, made a dry run
+    assert "tokens/s" in out and "projected run time" in out  # the dry-run report (issue 11)
+    rehearsal = project / "kernel" / "rehearsal"
+    assert (rehearsal / "input" / "datasets" / "alice" / "tiny-text" / "corpus.txt").is_symlink()
+    assert not list((rehearsal / "working").rglob("metrics.jsonl"))  # a dry run leaves no run behind
+    assert not (project / "runs").exists()  # and the local run directory is untouched
+    _assert_no_key(rehearsal / "working")
+
+
+@pytest.mark.slow
+def test_two_processes_go_through_torchrun(project, monkeypatch):
+    """The T4 x2 launch path (torchrun, one process per GPU), exercised on CPU with two gloo processes."""
+    from kaggletrain.kaggle import kernel_runtime as kr
+
+    monkeypatch.setenv(kr.NPROC_ENV, "2")
+    run = project / "working" / "runs" / "tiny"
+    overrides = [f"out_dir={run}", f"data.source={project / 'corpus.txt'}", "train.device=cpu",
+                 "logging.progress=false"]
+    cmd = kr.launch_command(project / "tiny.yaml", overrides, kr.gpu_count())
+    assert "--nproc_per_node=2" in cmd
+    kr.run_training(cmd, Path(__file__).resolve().parents[1], project / "working")
+    assert [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]
