@@ -55,7 +55,8 @@ def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int]
     n_tokens = sum(int(y.numel()) for _, y in batches_xy)
     # Bits per byte: total nats over the UTF-8 bytes the target tokens decode to.
     tok = trainer.tokenizer
-    n_bytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for _, y in batches_xy for row in y)
+    lengths = torch.as_tensor(tok.token_byte_lengths(), dtype=torch.long)
+    n_bytes = sum(int(lengths[y].sum()) for _, y in batches_xy)
     bpb = loss * n_tokens / math.log(2) / max(n_bytes, 1)
     return {"checkpoint": str(ckpt_dir), "step": meta.get("step"), "val_loss": loss,
             "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bpb, "tokens": n_tokens,

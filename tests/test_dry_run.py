@@ -1,0 +1,75 @@
+"""`kaggletrain train CONFIG --dry-run`: the real path for a few steps, reported, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import write_config
+
+FIELDS = ("parameters", "trainable_parameters", "tokens_per_step", "step_time_s", "tokens_per_s",
+          "peak_memory_bytes", "projected_run_s", "fits_kaggle_session", "projected_t4_memory_gb", "fits_t4",
+          "t4_memory_method", "precision", "wkv_impl", "attention_backend", "warnings", "val_loss_one_batch")
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "kaggletrain", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def tree(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+@pytest.mark.slow
+def test_dry_run_reports_and_predicts_a_real_run(tmp_path):
+    cfg = write_config(tmp_path, max_steps=24, batch_size=8, seq_len=64, eval_interval=12)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("user file")
+    before = tree(run_dir)
+
+    proc = cli("train", cfg, "--dry-run", "--steps", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    for key in FIELDS:
+        assert key in rep, key
+    assert tree(run_dir) == before  # nothing written to the run directory
+    assert rep["tokens_per_step"] == 8 * 64
+    assert rep["parameters"] > rep["trainable_parameters"] > 0  # the first layer's v0/v1/v2 are frozen
+    assert 0 < rep["step_time_s"] < 60
+    assert rep["tokens_per_s"] == pytest.approx(rep["tokens_per_step"] / rep["step_time_s"])
+    assert rep["peak_memory_bytes"] > 10 * 2**20
+    assert rep["projected_run_s"] >= 24 * rep["step_time_s"]
+    assert rep["fits_kaggle_session"] is True and rep["fits_t4"] is True
+    assert 0 < rep["projected_t4_memory_gb"] < 16
+    assert rep["precision"] == "fp32" and rep["wkv_impl"] in ("chunked", "sequential")
+    assert rep["attention_backend"].startswith("none")
+    assert math.isfinite(rep["val_loss_one_batch"])
+
+    # The projection against a real run of the same config: per-step time within 30%.
+    (run_dir / "keep.txt").unlink()
+    real = cli("train", cfg)
+    assert real.returncode == 0, real.stderr
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted(r["step_s"] for r in recs[2:] if "val_loss" not in r)
+    real_tps = rep["tokens_per_step"] / steps[len(steps) // 2]
+    assert rep["tokens_per_s"] == pytest.approx(real_tps, rel=0.30)
+
+
+def test_dry_run_table_output(tmp_path):
+    cfg = write_config(tmp_path, max_steps=10)
+    proc = cli("train", cfg, "--dry-run", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("tokens/s", "peak memory", "projected run time", "projected T4 memory", "precision / WKV"):
+        assert text in proc.stdout
+    assert not (tmp_path / "run").exists()
