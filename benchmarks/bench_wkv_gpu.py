@@ -1,0 +1,160 @@
+"""GPU benchmark of the WKV-7 implementations at one training shape (default B=8, T=4096, H=32, N=64).
+
+    PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
+
+Rows: rwkv_cuda (the compiled kernel), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
+present), and causal SDPA attention at the same size (q, k, v [B, H, T, N]) as a yardstick. Columns:
+forward (training mode, i.e. saving what the backward needs) and forward+backward (upstream gradient on y),
+medians of CUDA-event timings after warm-up. Inputs are fresh random tensors with realistic ranges (never
+zeros). Needs only torch (+ the repo on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cuda_time_ms(fn, warmup: int, iters: int, budget_s: float) -> float:
+    """Median milliseconds of fn() by CUDA events; fewer iterations when one call is slow."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+        if time.perf_counter() > t_end and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def wkv_inputs(B, T, H, N, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, device="cuda", generator=g) for _ in range(3))
+    w = torch.rand(B, T, H, N, device="cuda", generator=g) * 12 - 8
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device="cuda", generator=g), dim=-1)
+    gate = torch.rand(B, T, H, N, device="cuda", generator=g)
+    ins = [t.to(dtype).requires_grad_() for t in (r, w, k, v, -kk, kk * gate)]
+    dy = torch.randn(B, T, H, N, device="cuda", generator=g).to(dtype)
+    return ins, dy
+
+
+def bench_wkv(fn, ins, dy, warmup, iters, budget_s):
+    def fwd():
+        return fn(*ins)
+
+    def fwd_bwd():
+        y, _ = fn(*ins)
+        y.backward(dy)
+
+    f = cuda_time_ms(fwd, warmup, iters, budget_s)
+    fb = cuda_time_ms(fwd_bwd, warmup, iters, budget_s)
+    for t in ins:
+        t.grad = None
+    return f, fb
+
+
+def bench_sdpa(B, T, H, N, dtype, warmup, iters, budget_s):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, N, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(3))
+    dy = torch.randn(B, H, T, N, device="cuda", generator=g).to(dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        return sdpa(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        sdpa(q, k, v, is_causal=True).backward(dy)
+
+    return cuda_time_ms(fwd, warmup, iters, budget_s), cuda_time_ms(fwd_bwd, warmup, iters, budget_s)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--H", type=int, default=32)
+    p.add_argument("--N", type=int, default=64)
+    p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--impls", default="cuda,chunked,sdpa")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=8.0, help="time cap per measurement")
+    p.add_argument("--json", default=None, help="write results here (default: $OUT/bench_wkv_gpu.json if $OUT)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark")
+        return 0
+
+    B, T, H, N = args.B, args.T, args.H, args.N
+    impls = args.impls.split(",")
+    card = torch.cuda.get_device_name()
+    results = []
+    print(f"# {card}, torch {torch.__version__}, B={B} T={T} H={H} N={N}", flush=True)
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+            print(f"skip {dname}: no native bf16")
+            continue
+        ins, dy = wkv_inputs(B, T, H, N, dtype)
+        rows = []
+        if "cuda" in impls:
+            from rwkv_cuda import build_info, kernel_available, wkv_cuda
+
+            if kernel_available(N):
+                rows.append(("rwkv_cuda", wkv_cuda))
+            else:
+                print(f"rwkv_cuda unavailable: {build_info()}")
+        if "chunked" in impls:
+            try:
+                from kaggletrain.ops.wkv_chunked import wkv_chunked
+
+                rows.append(("chunked (PyTorch)", wkv_chunked))
+            except ImportError as e:
+                print(f"chunked fallback not importable: {e}")
+        for name, fn in rows:
+            slow = name.startswith("chunked")  # the fallback can take ~a second per call: fewer repeats
+            try:
+                f, fb = bench_wkv(fn, ins, dy, 1 if slow else args.warmup, 5 if slow else args.iters, args.budget_s)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name} {dname}: out of memory")
+                torch.cuda.empty_cache()
+                continue
+            results.append({"impl": name, "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
+            print(f"{name:18s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+        del ins, dy
+        torch.cuda.empty_cache()
+        if "sdpa" in impls:
+            f, fb = bench_sdpa(B, T, H, N, dtype, args.warmup, args.iters, args.budget_s)
+            results.append({"impl": "causal SDPA", "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
+            print(f"{'causal SDPA':18s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+            torch.cuda.empty_cache()
+
+    out = args.json or (os.path.join(os.environ["OUT"], "bench_wkv_gpu.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as fh:
+            json.dump({"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+                       "shape": {"B": B, "T": T, "H": H, "N": N}, "results": results}, fh, indent=1)
+    print(f"\n| implementation | dtype | fwd ms | fwd+bwd ms |  ({card}, B={B} T={T} H={H} N={N})")
+    print("|---|---|---|---|")
+    for r in results:
+        print(f"| {r['impl']} | {r['dtype']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

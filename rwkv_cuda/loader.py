@@ -1,0 +1,236 @@
+"""Build (once) and load the WKV-7 CUDA extension, or explain why not.
+
+The extension is compiled on first use with `torch.utils.cpp_extension.load` (ninja), for the current
+GPU's architecture only, into a cache directory keyed by a hash of the sources, the architecture, the
+torch/CUDA versions and the flags, so later processes and runs load it in about a second. A file lock keeps
+two processes from building at once; the compiler's output goes to `build.log` in that directory. Any
+failure (no GPU, no nvcc, no ninja, a compile error...) is caught: `kernel_available` then returns False
+after ONE warning naming the log, and the caller uses the PyTorch chunked WKV.
+
+Environment:
+  KAGGLETRAIN_CUDA_CACHE          cache root (default: $XDG_CACHE_HOME or ~/.cache, + kaggletrain/rwkv_cuda)
+  KAGGLETRAIN_DISABLE_CUDA_KERNEL  set to 1 to never use the kernel
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+SRC_DIR = Path(__file__).resolve().parent
+SOURCES = ("wkv7.cu", "wkv7_torch.cpp")
+HEADERS = ("wkv7_api.h", "wkv7_kernels.cuh")
+HEAD_SIZES = (64,)
+CUDA_FLAGS = ("-O3", "-Xptxas=-v", "-lineinfo")
+CXX_FLAGS = ("-O3",)
+LOCK_TIMEOUT_S = 1800  # another process may be mid-build (a couple of minutes on 2 cores)
+
+
+class BuildError(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why."""
+
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "module": None, "error": None, "log": None, "seconds": None, "dir": None}
+_warned_heads: set[int] = set()
+
+
+def cache_root() -> Path:
+    env = os.environ.get("KAGGLETRAIN_CUDA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kaggletrain" / "rwkv_cuda"
+
+
+def _arch() -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(torch.cuda.current_device())
+
+
+def _flags(arch: tuple[int, int]) -> list[str]:
+    # bf16 kernels exist only for sm_80+: on a T4 (sm_75) they are not compiled at all.
+    return [*CUDA_FLAGS, f"-DWKV7_WITH_BF16={1 if arch[0] >= 8 else 0}"]
+
+
+def build_key(arch: tuple[int, int]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        h.update(name.encode())
+        h.update((SRC_DIR / name).read_bytes())
+    meta = [f"sm_{arch[0]}{arch[1]}", torch.__version__, str(torch.version.cuda), sys.version.split()[0],
+            *_flags(arch), *CXX_FLAGS]
+    h.update("\0".join(meta).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Cross-process lock: `filelock` when installed, else fcntl (POSIX)."""
+    try:
+        from filelock import FileLock
+    except ImportError:
+        import fcntl
+
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BuildError(f"timed out waiting for the build lock {path}") from None
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    with FileLock(str(path), timeout=LOCK_TIMEOUT_S):
+        yield
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send everything written to fds 1 and 2 (ninja, nvcc, the host compiler) to the log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _check_toolchain() -> None:
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise BuildError("this torch build has no CUDA support")
+
+    if cpp_extension.CUDA_HOME is None:
+        raise BuildError("no CUDA toolkit found (nvcc); install it or set CUDA_HOME")
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        raise BuildError("ninja not found (pip install ninja)") from None
+
+
+def _build() -> object:
+    import torch
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        raise BuildError("no CUDA GPU visible to torch")
+    arch = _arch()
+    key = build_key(arch)
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log_path = build_dir / "build.log"
+    _state["log"], _state["dir"] = log_path, build_dir
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} CUDA {torch.version.cuda}"
+                  f" sm_{arch[0]}{arch[1]} {torch.cuda.get_device_name()} pid {os.getpid()}\n")
+        try:
+            _check_toolchain()
+        except BuildError as e:
+            log.write(f"NOT BUILT: {e}\n")
+            raise
+    t0 = time.perf_counter()
+    with _file_lock(build_dir / "build.lock"):
+        try:
+            with _env(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1]}"), _output_to(log_path):
+                module = cpp_extension.load(
+                    name=f"kaggletrain_wkv7_{key}",
+                    sources=[str(SRC_DIR / s) for s in SOURCES],
+                    extra_include_paths=[str(SRC_DIR)],
+                    extra_cflags=list(CXX_FLAGS),
+                    extra_cuda_cflags=_flags(arch),
+                    build_directory=str(build_dir),
+                    with_cuda=True,
+                    verbose=True,
+                )
+        except Exception as e:  # compile errors, toolkit/torch CUDA version mismatch, import errors
+            with open(log_path, "a") as log:
+                log.write(f"\nBUILD FAILED: {type(e).__name__}: {e}\n")
+            raise BuildError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+    _state["seconds"] = time.perf_counter() - t0
+    with open(log_path, "a") as log:
+        log.write(f"loaded in {_state['seconds']:.1f} s\n")
+    return module
+
+
+def load_extension(warn: bool = True):
+    """The compiled module, building it on first call; None if it can't be built (one warning, once)."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["module"] = _build()
+            except Exception as e:  # noqa: BLE001 - any failure means "use the fallback"
+                _state["error"] = str(e) or type(e).__name__
+                if warn:
+                    where = f" Build log: {_state['log']}" if _state["log"] else ""
+                    warnings.warn(
+                        f"rwkv_cuda: the CUDA WKV-7 kernel is unavailable ({_state['error']}); "
+                        f"using the PyTorch chunked WKV instead.{where}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        return _state["module"]
+
+
+def kernel_available(head_size: int) -> bool:
+    """True when a CUDA GPU is present and the kernel for this head size is built (or builds now) and loads."""
+    if os.environ.get("KAGGLETRAIN_DISABLE_CUDA_KERNEL", "") not in ("", "0"):
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if int(head_size) not in HEAD_SIZES:
+        if head_size not in _warned_heads:
+            _warned_heads.add(head_size)
+            warnings.warn(f"rwkv_cuda: head size {head_size} has no CUDA kernel (only {HEAD_SIZES}); "
+                          "using the PyTorch chunked WKV.", RuntimeWarning, stacklevel=2)
+        return False
+    return load_extension() is not None
+
+
+def build_info() -> dict:
+    """What happened on this process's build attempt (for `kaggletrain doctor`)."""
+    return {k: _state[k] for k in ("tried", "error", "log", "seconds", "dir")} | {"loaded": _state["module"] is not None}

@@ -1,0 +1,59 @@
+// Host-side interface of the WKV-7 kernels (wkv7.cu). Plain pointers and sizes, no torch types, so the
+// kernel file compiles standalone (nvcc -c, or g++ with the CPU emulator) and the torch binding
+// (wkv7_torch.cpp) stays a thin layer.
+//
+// Conventions (as kaggletrain/ops/wkv.py): r, w, k, v, a, b, y and all their gradients are [B, T, H, N]
+// contiguous in the I/O dtype, except w and dw, which may be float32 while the rest is half precision.
+// w is the raw decay logit: decay = exp(-exp(-0.5) * sigmoid(w)), computed in float32 in the kernel.
+// States are float32 [B, H, N, N], layout [value i, key j]. Recurrence per head:
+//   sa = S a ;  S = S diag(d) + sa b^T + v k^T ;  y = S r.
+#pragma once
+
+#ifndef WKV7_EMU
+#include <cuda_runtime_api.h>
+#endif
+
+namespace wkv7 {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// Forward saves the state every kCkptLen tokens (plus the final state) for the backward pass.
+constexpr int kCkptLen = 16;
+
+inline long long num_ckpt(int T) { return (T + kCkptLen - 1) / kCkptLen + 1; }
+
+struct FwdArgs {
+  int B = 0, T = 0, H = 0, N = 0;
+  int dtype = kF32;
+  bool w_f32 = false;  // w is float32 although dtype is half precision
+  const void *r = nullptr, *w = nullptr, *k = nullptr, *v = nullptr, *a = nullptr, *b = nullptr;
+  const float* s0 = nullptr;  // optional initial state [B,H,N,N]
+  void* y = nullptr;          // [B,T,H,N] dtype
+  float* sT = nullptr;        // final state [B,H,N,N]
+  float* ckpt = nullptr;      // optional (training): [B,H,num_ckpt(T),N,N], each state TRANSPOSED [key][value]
+  float* sa = nullptr;        // optional (training): [B,T,H,N] float32, S_{t-1} a_t
+};
+
+struct BwdArgs {
+  int B = 0, T = 0, H = 0, N = 0;
+  int dtype = kF32;
+  bool w_f32 = false;
+  const void *r = nullptr, *w = nullptr, *k = nullptr, *v = nullptr, *a = nullptr, *b = nullptr;
+  const void* dy = nullptr;     // [B,T,H,N] dtype
+  const float* dsT = nullptr;   // optional gradient of the final state
+  const float* ckpt = nullptr;  // from the forward
+  const float* sa = nullptr;    // from the forward
+  float* scratch = nullptr;     // [B*H, bwd_scratch_floats(N)] float32, any content
+  void *dr = nullptr, *dw = nullptr, *dk = nullptr, *dv = nullptr, *da = nullptr, *db = nullptr;
+  float* ds0 = nullptr;  // optional gradient of the initial state
+};
+
+// Floats of backward scratch per (batch, head).
+long long bwd_scratch_floats(int N);
+// True if a kernel for this head size and dtype was compiled into this build.
+bool supported(int N, int dtype);
+// 0 on success, else a cudaError_t value (cudaErrorInvalidValue for unsupported arguments).
+int forward(const FwdArgs& args, cudaStream_t stream);
+int backward(const BwdArgs& args, cudaStream_t stream);
+
+}  // namespace wkv7

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
+# benchmark, print a short summary table LAST. Target: under ~6 minutes on an H100/H200.
+# Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
+#   scripts/gpu_check.sh            logs and JSON go to $OUT when set (device tool), else a temp dir
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+export OUT
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export KAGGLETRAIN_CUDA_CACHE="${KAGGLETRAIN_CUDA_CACHE:-/tmp/kaggletrain_cuda_cache}"
+export MAX_JOBS="${MAX_JOBS:-4}"
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -1)"
+echo "ninja: $(command -v ninja) $(ninja --version 2>/dev/null)"
+
+echo "== build"
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/build.txt"
+import time
+t = time.perf_counter()
+from rwkv_cuda import build_info, kernel_available
+ok = kernel_available(64)
+info = build_info()
+print(f"BUILD ok={ok} seconds={time.perf_counter() - t:.1f} dir={info['dir']}")
+if not ok:
+    print("error:", info["error"])
+EOF
+BUILD_LOG=$(sed -n 's/.*dir=\([^ ]*\).*/\1/p' "$OUT/build.txt" | tail -1)
+[ -n "$BUILD_LOG" ] && [ -f "$BUILD_LOG/build.log" ] && cp "$BUILD_LOG/build.log" "$OUT/build.log" \
+  && grep -E "registers|spill" "$OUT/build.log" | sed 's/^ *//' | sort | uniq -c | head -20
+
+echo "== tests"
+rm -f "$OUT/errors.jsonl"
+KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout 300 "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py \
+  -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.txt"
+TEST_RC=${PIPESTATUS[0]}
+
+echo "== benchmark"
+timeout 200 "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+BENCH_RC=${PIPESTATUS[0]}
+
+echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096) and a GPU dry run"
+timeout 240 "$PY" benchmarks/bench_train_gpu.py --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
+TRAIN_RC=${PIPESTATUS[0]}
+timeout 120 "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
+  --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"
+DRY_RC=$?
+
+echo
+echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
+grep -h "^BUILD" "$OUT/build.txt"
+echo "pytest rc=$TEST_RC: $(grep -E '(passed|failed|error|skipped)' "$OUT/pytest.txt" | tail -1)"
+"$PY" - <<'EOF'
+import json, os
+path = os.path.join(os.environ["OUT"], "errors.jsonl")
+rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+worst = {}
+for r in rows:
+    dt = r["case"].split()[0]
+    for k, v in r.items():
+        if k != "case":
+            worst.setdefault(dt, {})[k] = max(v, worst.get(dt, {}).get(k, 0.0))
+for dt, d in worst.items():
+    print(f"max rel err {dt:9s} " + " ".join(f"{k}={v:.1e}" for k, v in d.items()))
+path = os.path.join(os.environ["OUT"], "bench_wkv_gpu.json")
+if os.path.exists(path):
+    b = json.load(open(path))
+    print(f"| impl | dtype | fwd ms | fwd+bwd ms |   {b['card']}, B,T,H,N = {tuple(b['shape'].values())}")
+    for r in b["results"]:
+        print(f"| {r['impl']} | {r['dtype']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
+EOF
+echo "bench rc=$BENCH_RC"
+grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
+"$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run rc=$DRY_RC: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB\")" "$OUT/dry_run_gpu.json" 2>/dev/null || echo "dry run rc=$DRY_RC"
+exit $(( TEST_RC != 0 || BENCH_RC != 0 || TRAIN_RC != 0 || DRY_RC != 0 ))
