@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,7 +31,8 @@ def train(
         from kaggletrain.train.dry_run import dry_run as run_dry, render_report
 
         report = run_dry(cfg, steps=steps)
-        render_report(report, as_json=json_out)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+            render_report(report, as_json=json_out)
         return
     from rich.console import Console
 

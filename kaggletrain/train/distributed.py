@@ -38,9 +38,11 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        kw["device_id"] = device  # binds NCCL to this GPU: barriers never guess the device
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kw)
 
 
 def barrier(info: DistInfo) -> None:
@@ -56,6 +58,13 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def broadcast_object(obj, info: DistInfo):
     if not (info.enabled and dist.is_initialized()):
         return obj
@@ -67,3 +76,39 @@ def broadcast_object(obj, info: DistInfo):
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- optimizer state portable across 1 process, DDP and FSDP -------------------------------------
+# torch's Optimizer.state_dict() numbers parameters 0..n-1 in param-group order; that numbering is only
+# meaningful for one model layout. Checkpoints store the state keyed by parameter name (the FQN format of
+# torch.distributed.checkpoint.state_dict), which FSDP, DDP and a single process all understand.
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def is_fqn_optimizer_state(state: dict) -> bool:
+    groups = state.get("param_groups") or []
+    return any(isinstance(p, str) for g in groups for p in g.get("params", []))
+
+
+def optimizer_state_to_fqn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An index-keyed Optimizer.state_dict() of (model, optimizer) → keyed by parameter name."""
+    if is_fqn_optimizer_state(state):
+        return state
+    names = _param_names(model, optimizer)
+    return {"state": {names[int(i)]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_state_from_fqn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A name-keyed optimizer state → index-keyed for Optimizer.load_state_dict (plain modules)."""
+    if not is_fqn_optimizer_state(state):
+        return state
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    missing = [n for g in state["param_groups"] for n in g["params"] if n not in index]
+    if missing:
+        raise KeyError(f"optimizer state names parameters this model does not train: {missing[:3]}")
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}

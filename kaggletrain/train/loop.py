@@ -22,8 +22,9 @@ import torch
 from kaggletrain.config import RunConfig, save_config
 from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError
 from kaggletrain.train import checkpoint as ckpt
-from kaggletrain.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, dist_info_from_env,
-                                           init_distributed)
+from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
+                                           dist_info_from_env, init_distributed, optimizer_state_from_fqn,
+                                           optimizer_state_to_fqn)
 from kaggletrain.train.metrics import MetricsWriter, plot_loss
 from kaggletrain.train.optim import build_optimizer, lr_at, set_lr
 from kaggletrain.train.precision import resolve_device, resolve_precision
@@ -66,7 +67,8 @@ class Trainer:
         self.show_progress = cfg.logging.progress if progress is None else progress
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: Optional[int] = None   # a signal this process received
+        self._stop_agreed = False                   # some rank received one: every rank stops after this step
 
     # ------------------------------------------------------------------------------------------
     def setup(self, *, out_dir_writable: bool = True) -> "Trainer":
@@ -92,12 +94,14 @@ class Trainer:
     def _prepare_data(self) -> None:
         from kaggletrain.data import WindowSampler, check_vocab, prepare_data
 
-        # Rank 0 tokenises (and fills the cache) first; the others then read the cache.
-        if self.dist.is_main:
+        # Each node's local rank 0 tokenises (and fills its cache) first; the others then read the cache
+        # (the cache is locked per entry, so nodes sharing one file system also work).
+        first = self.dist.local_rank == 0
+        if first:
             self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len,
-                                     progress=self.show_progress)
+                                     progress=self.show_progress and self.dist.is_main)
         barrier(self.dist)
-        if not self.dist.is_main:
+        if not first:
             self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len, progress=False)
         self.tokenizer = self.data.tokenizer
         self.model_config = self.cfg.model_config(vocab_size=self.tokenizer.vocab_size)
@@ -123,12 +127,22 @@ class Trainer:
             model.enable_gradient_checkpointing()
         if self.precision.amp_dtype is not None:
             model.enable_mixed_precision(self.precision.amp_dtype)
-        model.to(self.device)
+        self.fsdp = self.dist.enabled and t.distributed == "fsdp"
+        if self.fsdp:
+            from kaggletrain.train.fsdp import apply_fsdp
+
+            model = apply_fsdp(model, self.device)  # moves each shard to the device as it goes
+        else:
+            model.to(self.device)
         self.model = model
-        self.ddp_model = model
-        if self.dist.enabled:
+        self.ddp_model = model  # what train_step calls: the DDP wrapper, or the (FSDP-sharded) model
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            # Every trainable parameter gets a gradient in every backward (the first RWKV layer's unused
+            # value-residual LoRA is frozen; learnable states are used by the first chunk), so no
+            # find_unused_parameters. Per-rank differences in chunk count don't matter: DDP reduces each
+            # parameter's accumulated gradient once per backward, in buckets ordered as on rank 0.
             self.ddp_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.use_scaler)
@@ -157,14 +171,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _resume_or_start(self) -> None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        # Rank 0 decides (its file system holds the checkpoints); every rank then acts alike.
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if self.dist.is_main else None
+        if self.dist.enabled:
+            latest = broadcast_object(str(latest) if latest else None, self.dist)
+            latest = Path(latest) if latest else None
         if latest is not None and self.resume is False:
             raise KaggletrainError(
                 f"{self.out_dir}: already holds checkpoints ({latest.name}); pass --resume to continue it, "
                 f"or choose another name/out_dir (nothing was overwritten)")
         if latest is not None:
             self.load(latest)
-        elif self.resume is True and self.dist.is_main:
+        elif self.resume is True:
             raise KaggletrainError(f"--resume: no checkpoint found under {self.ckpt_root}")
         if self.dist.is_main:
             try:
@@ -175,55 +193,97 @@ class Trainer:
                 raise TrainingError(f"{self.out_dir}: cannot write the run directory ({e.strerror or e})") from None
 
     def load(self, ckpt_dir: Path) -> None:
-        meta = ckpt.read_meta(ckpt_dir)
-        sd = ckpt.load_model_state(ckpt_dir)
-        own = self.model.state_dict()
-        bad = [k for k in own if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
-        if bad:
-            k = bad[0]
-            found = "missing" if k not in sd else f"shape {tuple(sd[k].shape)}"
-            raise CheckpointError(f"{ckpt_dir}: checkpoint does not match this config's model "
-                                  f"({k}: {found}, expected {tuple(own[k].shape)})")
-        self.model.load_state_dict(sd)
-        state = ckpt.load_trainer_state(ckpt_dir)
-        self.step = int(meta.get("step", 0))
-        if state is not None:
-            if state.get("optimizer") is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            if state.get("rng") is not None:
-                ckpt.set_rng_state(state["rng"])
-            if state.get("sampler") is not None:
-                self.sampler.load_state_dict(state["sampler"])
-            self.step = int(state.get("step", self.step))
+        """Load a checkpoint. Under torchrun rank 0 alone reads the files and broadcasts (weights, optimizer
+        state, step, data position), whatever the number of processes or DDP/FSDP layout that wrote it."""
+        ckpt_dir = Path(ckpt_dir)
+        reader = self.dist.is_main or not self.dist.enabled
+        sd, state, problem = {}, None, None
+        if reader:
+            try:
+                meta = ckpt.read_meta(ckpt_dir)
+                sd = ckpt.load_model_state(ckpt_dir)
+                state = ckpt.load_trainer_state(ckpt_dir)
+                problem = self._state_mismatch(ckpt_dir, sd)
+            except KaggletrainError as e:
+                if not self.dist.enabled:
+                    raise
+                problem = str(e)
+            if problem is None:
+                state = state if state is not None else {}
+                state.setdefault("step", int(meta.get("step", 0)))
+        if self.dist.enabled:
+            problem = broadcast_object(problem, self.dist)
+        if problem is not None:
+            raise CheckpointError(problem)
+        optim_state = state.pop("optimizer", None) if state is not None else None
+        if self.dist.enabled:
+            from kaggletrain.train.fsdp import load_model_state_from_rank0, load_optimizer_state_from_rank0
+
+            state = broadcast_object(state, self.dist)
+            has_optim = broadcast_object(optim_state is not None, self.dist)
+            load_model_state_from_rank0(self.model, sd)
+            if has_optim:
+                fqn = optimizer_state_to_fqn(self.model, self.optimizer, optim_state) if reader else {}
+                load_optimizer_state_from_rank0(self.model, self.optimizer, fqn)
+        else:
+            self.model.load_state_dict(sd)
+            if optim_state is not None:
+                self.optimizer.load_state_dict(optimizer_state_from_fqn(self.model, self.optimizer, optim_state))
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("rng") is not None:
+            ckpt.set_rng_state(state["rng"])
+        if state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state.get("step", 0))
         self.resumed_from = ckpt_dir
 
-    def save(self) -> Optional[Path]:
-        if not self.dist.is_main:
-            barrier(self.dist)
+    def _state_mismatch(self, ckpt_dir: Path, sd: dict) -> Optional[str]:
+        own = self.model.state_dict()  # FSDP: DTensors, whose .shape is the full shape
+        bad = [k for k in own if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
+        if not bad:
             return None
+        k = bad[0]
+        found = "missing" if k not in sd else f"shape {tuple(sd[k].shape)}"
+        return (f"{ckpt_dir}: checkpoint does not match this config's model "
+                f"({k}: {found}, expected {tuple(own[k].shape)})")
+
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint (rank 0; under FSDP every rank first helps gather the full state); every rank
+        returns its path once it is written."""
         c = self.cfg.checkpoint
+        if self.fsdp:
+            from kaggletrain.train.fsdp import gather_model_state, gather_optimizer_state
+
+            model_state = gather_model_state(self.model)
+            optim_state = gather_optimizer_state(self.model, self.optimizer) if c.save_optimizer else None
+        elif self.dist.is_main:
+            model_state = self.model.state_dict()
+            optim_state = optimizer_state_to_fqn(self.model, self.optimizer, self.optimizer.state_dict()) \
+                if c.save_optimizer else None
+        if not self.dist.is_main:  # wait for rank 0's write; every rank gets the path (e.g. for load())
+            return Path(broadcast_object(None, self.dist))
         trainer_state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict() if c.save_optimizer else None,
+            "optimizer": optim_state,  # keyed by parameter name: resumes under any layout/world size
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": ckpt.rng_state(),
             "sampler": self.sampler.state_dict(),
             "world_size": self.dist.world_size,
+            "distributed": "fsdp" if self.fsdp else ("ddp" if self.dist.enabled else "none"),
         }
         import yaml
 
         try:
             path = ckpt.save_checkpoint(
-                self.ckpt_root, self.step, model_state=self.model.state_dict(),
+                self.ckpt_root, self.step, model_state=model_state,
                 meta=ckpt.model_meta(self.model_config.to_dict(), self.step, {"precision": self.precision.name}),
                 trainer_state=trainer_state, run_config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
                 tokenizer=self.tokenizer.to_dict(), keep_last=c.keep_last)
         except OSError as e:
             raise TrainingError(f"{self.ckpt_root}: checkpoint write failed ({e.strerror or e}); "
                                 f"the previous checkpoint is intact") from None
-        barrier(self.dist)
+        broadcast_object(str(path), self.dist)
         return path
 
     # ------------------------------------------------------------------------------------------
@@ -245,13 +305,20 @@ class Trainer:
         for i in range(self.accum):
             xs, ys = x[i * self.micro:(i + 1) * self.micro], y[i * self.micro:(i + 1) * self.micro]
             sync = contextlib.nullcontext()
-            if self.dist.enabled and i < self.accum - 1:
-                sync = self.ddp_model.no_sync()
+            if self.dist.enabled and not self.fsdp and i < self.accum - 1:
+                sync = self.ddp_model.no_sync()  # DDP: all-reduce only in the last micro-step's backward
+            # FSDP reduce-scatters every micro-step: unsharded accumulated gradients would cost a full copy.
             with sync:
                 loss = self._forward_loss(xs, ys) / self.accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss_val = float(all_reduce_mean(total, self.dist))
+        # One all-reduce carries the loss and the stop flag: a signal received by any rank stops every
+        # rank after this same step (no rank is left waiting in a collective).
+        packed = torch.stack([total.float(), torch.tensor(float(self._stop_signal is not None),
+                                                          device=self.device)])
+        packed = all_reduce_sum(packed, self.dist).tolist()
+        loss_val = packed[0] / self.dist.world_size
+        self._stop_agreed = self._stop_agreed or packed[1] > 0
         skipped = False
         if not math.isfinite(loss_val) and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
@@ -273,23 +340,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
-        """Mean validation loss over fixed windows (the same windows at every evaluation)."""
+        """Mean validation loss over fixed windows (the same windows at every evaluation).
+
+        Under torchrun every rank must call it: each rank evaluates `eval_batches` micro-batches of its own
+        (with micro_batch_size unset: eval_batches x batch_size windows in all, the very windows one process
+        evaluates) and the sums are all-reduced (FSDP: every rank runs the same number of forward passes,
+        as its collectives need)."""
         from kaggletrain.data import eval_batches
 
         t = self.cfg.train
         val = self.data.val_tokens
         if val is None or len(val) < t.seq_len + 1:
             return None
+        W, r = self.dist.world_size, self.dist.rank
+        batches = eval_batches(val, t.seq_len, self.micro, (max_batches or t.eval_batches) * W)
+        mine = [(batches[i], 1.0) for i in range(r, len(batches), W)]
+        if self.fsdp:  # pad with zero-weight passes so that every rank joins every all-gather
+            mine += [(batches[0], 0.0)] * (-(-len(batches) // W) - len(mine))
         self.model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
-            for x, y in eval_batches(val, t.seq_len, self.micro, max_batches or t.eval_batches):
+            for (x, y), weight in mine:
                 x, y = x.to(self.device), y.to(self.device)
                 out = self.model(x, labels=y, shift_labels=False, use_chunking=t.use_chunking, return_logits=False)
-                total += float(out.loss) * out.num_targets
-                count += out.num_targets
+                sums[0] += out.loss.double() * out.num_targets * weight
+                sums[1] += out.num_targets * weight
         finally:
             self.model.train()
+        total, count = all_reduce_sum(sums, self.dist).tolist()
         return total / max(count, 1)
 
     # ------------------------------------------------------------------------------------------
@@ -349,21 +427,23 @@ class Trainer:
                         train_loss = res.loss
                     record = {"step": self.step, "loss": res.loss, "lr": res.lr, "tokens_per_s": round(tps, 1),
                               "step_s": round(res.seconds, 4), "skipped": res.skipped}
-                    do_eval = t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.max_steps)
-                    if do_eval and is_main:
+                    do_eval = self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0)
+                    if do_eval:  # every rank evaluates its share; rank 0 logs
                         val_loss = self.evaluate()
                         record["val_loss"] = val_loss
-                    barrier(self.dist) if do_eval else None
                     if is_main and (self.step % cfg.logging.log_interval == 0 or "val_loss" in record
                                     or self.step == t.max_steps):
                         metrics.log(record)
                     history.append(record)
                     progress.update(self.step, res.loss, res.lr, tps, val_loss)
                     every = cfg.checkpoint.every_steps
-                    if (every and self.step % every == 0) or self.step == t.max_steps or self._stop_signal:
+                    if (every and self.step % every == 0) or self.step == t.max_steps or self._stop_agreed:
                         last_ckpt = self.save()
-                    if self._stop_signal is not None:
-                        progress.note(f"received signal {self._stop_signal}: checkpoint saved at step {self.step}")
+                    if self._stop_agreed:
+                        if is_main:
+                            why = (f"signal {self._stop_signal}" if self._stop_signal
+                                   else "a stop signal on another rank")
+                            progress.note(f"received {why}: checkpoint saved at step {self.step}")
                         break
         finally:
             for sig, prev in previous:
@@ -377,7 +457,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         summary = RunSummary(str(self.out_dir), self.step, train_loss, val_loss,
                              tokens_done / time_done if time_done else 0.0, elapsed,
-                             str(last_ckpt) if last_ckpt else None, self._stop_signal is not None, history)
+                             str(last_ckpt) if last_ckpt else None, self._stop_agreed, history)
         if is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(
                 {k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
