@@ -2,12 +2,17 @@
 
 Each command lives in kaggletrain/commands/<name>.py and registers itself on `app`.
 User errors (KaggletrainError) print one red line and exit 2; `--debug` keeps tracebacks.
+So do failures that are the machine's doing rather than the program's (disk full, file size limit,
+read-only or permission-denied paths: `environment_error`). See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,6 +38,30 @@ def _register_commands() -> None:
 
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
         importlib.import_module(f"kaggletrain.commands.{mod}")
+
+
+# errno values that mean "the machine refused": space, quota, size limit, read-only, permissions, I/O.
+_ENV_ERRNOS = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EFBIG: "file size limit (ulimit -f) or disk full",
+               errno.EROFS: "", errno.EACCES: "", errno.EPERM: "", errno.EIO: ""}
+
+
+def environment_error(e: BaseException) -> Optional[str]:
+    """One line for a read or write that failed by the machine's doing (disk full, read-only, no permission),
+    or None for anything else (a bug: it keeps its traceback). Also recognises the non-OSError exceptions
+    that safetensors ("... (os error 28)") and torch.save ("unexpected pos", "failed writing") raise."""
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if code is None and type(e).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", text)
+        code = int(m.group(1)) if m else None
+    if code in _ENV_ERRNOS:
+        where = getattr(e, "filename", None)
+        what = getattr(e, "strerror", None) or os.strerror(code)
+        hint = _ENV_ERRNOS[code]
+        return f"{str(where) + ': ' if where else ''}{what}" + (f" ({hint})" if hint else "")
+    if isinstance(e, RuntimeError) and re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing", text):
+        return f"writing a PyTorch file failed ({text[:160]}): out of disk space or a file size limit?"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         if type(e).__name__ == "Abort":
             return 1
-        raise
+        line = None if debug else environment_error(e)
+        if line is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {line}", markup=True, highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 

@@ -54,7 +54,8 @@ def train(
         trainer.close()
     if trainer.dist.is_main:
         val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
-        console.print(f"[green]done[/]: step {summary.steps}, train loss {summary.train_loss:.4f}, val loss {val}, "
+        tl = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
+        console.print(f"[green]done[/]: step {summary.steps}, train loss {tl}, val loss {val}, "
                       f"{summary.tokens_per_s:,.0f} tok/s, {summary.elapsed_s:.1f} s; checkpoint {summary.checkpoint}")
         if summary.stopped_by_signal:
-            raise typer.Exit(code=130)
+            raise typer.Exit(code=128 + int(trainer._stop_signal or 2))  # SIGTERM 143, SIGINT 130

@@ -155,6 +155,9 @@ class TokenCache:
                 if writer.count == 0:
                     raise DataError(extra.get("empty_message", "no tokens"))
                 os.replace(tmp, tokens_path)
+            except OSError as e:
+                raise DataError(f"{self.root}: cannot write the token cache ({e.strerror or e}); free disk "
+                                f"space or set data.cache_dir") from None
             finally:
                 if not writer._f.closed:
                     writer._f.close()

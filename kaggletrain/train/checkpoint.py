@@ -6,15 +6,23 @@ Layout of `<out_dir>/checkpoints/`:
 
 A checkpoint is written into a hidden temporary directory, flushed to disk, then renamed into place,
 and only then does `latest` move (itself via a temporary file + os.replace). A crash at any moment
-leaves the previous checkpoint and pointer intact. Loading uses `torch.load(weights_only=True)`.
+leaves the previous checkpoint and pointer intact; a write that fails (disk full, read-only) raises OSError
+and leaves them intact too. Temporaries left by a killed writer are removed by the next save, and pruned
+checkpoints are first renamed out of sight, so a half-deleted directory is never taken for a checkpoint.
+Loading uses `torch.load(weights_only=True)`: a trainer_state.pt that holds pickled code is refused, never
+run. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,12 +52,58 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, e: BaseException) -> OSError:
+    """safetensors (SafetensorError) and torch.save (RuntimeError) do not raise OSError when a write fails
+    (disk full, file size limit, I/O error): turn those into an OSError naming the file, errno included
+    where the message carries one ("... (os error 28)")."""
+    if isinstance(e, OSError):
+        return e
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    m = re.search(r"os error (\d+)", msg)
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return OSError(errno.EIO, f"could not write {path.name} ({msg}): out of disk space or a file size limit?",
+                   str(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(ckpt_root: Path) -> None:
+    """Remove `.tmp-*` / `.old-*` directories that writers killed mid-save left behind (a partial checkpoint
+    of a large model takes as much disk as a complete one). Never a complete checkpoint: those are `step-*`."""
+    for p in ckpt_root.iterdir():
+        m = re.fullmatch(r"\.(tmp|old)-step-\d+-(\d+)", p.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+        elif re.fullmatch(r"\.(tmp|old)-step-\d+-(\d+)-pruned", p.name):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            m = re.fullmatch(rf"\.{POINTER}\.tmp-(\d+)", p.name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,6 +141,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
 
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(ckpt_root)
     name = f"step-{step:08d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
@@ -95,10 +150,16 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     tmp.mkdir()
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        except Exception as e:
+            raise _write_failure(tmp / "model.safetensors", e) from None
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            try:
+                torch.save(trainer_state, tmp / "trainer_state.pt")
+            except Exception as e:
+                raise _write_failure(tmp / "trainer_state.pt", e) from None
         if run_config_yaml is not None:
             (tmp / "run_config.yaml").write_text(run_config_yaml)
         if tokenizer is not None:
@@ -107,10 +168,16 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after resume): swap, never leave a gap
+        if final.exists():  # re-saving a step (e.g. after resume): swap
+            # `latest` never names this step here (a resumed run saves only steps after the one it loaded),
+            # so the moment between the two renames leaves the pointer's checkpoint untouched.
             old = ckpt_root / f".old-{name}-{os.getpid()}"
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
@@ -121,8 +188,20 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         raise
     if keep_last > 0:
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory so that no crash leaves a half-deleted `step-*` directory behind:
+    rename it out of sight first (one atomic step), then delete."""
+    doomed = path.with_name(f".old-{path.name}-{os.getpid()}-pruned")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -135,16 +214,50 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name)
 
 
+def _read_pointer(ckpt_root: Path) -> Optional[str]:
+    """The checkpoint name in `latest`, or None when the pointer is missing, unreadable or not a name."""
+    try:
+        name = (ckpt_root / POINTER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return name if re.fullmatch(r"step-\d+", name) else None
+
+
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     """The pointer's target if it is complete, else the newest complete directory."""
     ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / POINTER
-    if pointer.exists():
-        target = ckpt_root / pointer.read_text().strip()
-        if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    name = _read_pointer(ckpt_root)
+    if name is not None:
+        target = ckpt_root / name
+        if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
             return target
     ckpts = list_checkpoints(ckpt_root)
     return ckpts[-1] if ckpts else None
+
+
+def quarantine_from(ckpt_root: Path, step: int) -> Optional[Path]:
+    """Set aside every checkpoint of step >= `step` (renamed to `.nonfinite-step-*`: kept for inspection,
+    never resumed from) and point `latest` at the newest remaining one, which is returned (None if none).
+
+    For the trainer after a non-finite loss: the weights saved at step s produced the loss of step s + 1,
+    so when step f is the first non-finite one, checkpoints from step f - 1 on are suspect."""
+    ckpt_root = Path(ckpt_root)
+    keep = None
+    for p in list_checkpoints(ckpt_root):
+        if int(p.name.split("-", 1)[1]) >= step:
+            target = p.with_name(f".nonfinite-{p.name}")
+            with contextlib.suppress(OSError):
+                if target.exists():  # an older set-aside copy of the same step
+                    shutil.rmtree(target)
+                os.rename(p, target)
+        else:
+            keep = p
+    if keep is not None:  # the pointer names it even if a suspect directory could not be moved
+        atomic_write_text(ckpt_root / POINTER, keep.name + "\n")
+    else:
+        with contextlib.suppress(OSError):
+            (ckpt_root / POINTER).unlink()
+    return keep
 
 
 def read_meta(ckpt_dir: Path) -> dict:
@@ -178,10 +291,32 @@ def load_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(ckpt_dir: Path) -> Optional[dict]:
+    """trainer_state.pt through `torch.load(weights_only=True)`: tensors and plain containers only, so a
+    file holding pickled code is refused before anything in it runs."""
     path = Path(ckpt_dir) / "trainer_state.pt"
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure is a bad file, never executed code
-        raise CheckpointError(f"{path}: unreadable trainer state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        msg = str(e).strip()
+        if "Weights only load failed" in msg:  # torch's boilerplate, then the actual reason in its own paragraph
+            paras = [p.strip() for p in msg.split("\n\n") if p.strip()]
+            msg = next((p for p in paras[1:] if not p.startswith("Check the documentation")), paras[0])
+        found = re.search(r"unsupported (?:global:?\s*(?:GLOBAL\s+)?([\w.]+)|operand)", msg, re.IGNORECASE)
+        if found and found.group(1):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file holds pickled Python objects, not just tensors (it asks "
+                f"for {found.group(1)}); nothing in it was run. Delete this checkpoint if you did not write it"
+            ) from None
+        if found:
+            raise CheckpointError(
+                f"{path}: refusing to load: corrupted, or pickled code (an opcode that torch.load(weights_only=True) "
+                f"does not allow); nothing in it was run") from None
+        first = msg.splitlines()[0].split(". ")[0][:160] if msg else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted trainer state ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a kaggletrain trainer state (a {type(state).__name__}, expected a dict)")
+    return state

@@ -27,9 +27,7 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int] = None) -> dict:
-    import yaml
-
-    from kaggletrain.config import config_from_dict
+    from kaggletrain.config import load_config
     from kaggletrain.data import eval_batches
     from kaggletrain.train.loop import Trainer
 
@@ -38,8 +36,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int]
     run_yaml = ckpt_dir / "run_config.yaml"
     if not run_yaml.exists():
         raise CheckpointError(f"{ckpt_dir}: no run_config.yaml; eval needs a checkpoint written by `kaggletrain train`")
-    raw = yaml.safe_load(run_yaml.read_text())
-    cfg = config_from_dict(raw, source=str(run_yaml), overrides=overrides)
+    cfg = load_config(run_yaml, overrides)
     trainer = Trainer(cfg, resume=True, progress=False)
     trainer.setup(out_dir_writable=False)
     trainer.load(ckpt_dir)

@@ -92,7 +92,7 @@ class Trainer:
         return self
 
     def _prepare_data(self) -> None:
-        from kaggletrain.data import WindowSampler, check_vocab, prepare_data
+        from kaggletrain.data import WindowSampler, prepare_data
 
         # Each node's local rank 0 tokenises (and fills its cache) first; the others then read the cache
         # (the cache is locked per entry, so nodes sharing one file system also work).
@@ -105,7 +105,7 @@ class Trainer:
             self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len, progress=False)
         self.tokenizer = self.data.tokenizer
         self.model_config = self.cfg.model_config(vocab_size=self.tokenizer.vocab_size)
-        check_vocab(self.data.train_tokens, self.model_config.vocab_size, str(self.cfg.data.source))
+        self.data.check_vocab(self.model_config.vocab_size)  # uses the max id stored with the cache
         self.sampler = WindowSampler(self.data.train_tokens, self.cfg.train.seq_len,
                                      global_batch=self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                      rank=self.dist.rank, world_size=self.dist.world_size)
@@ -412,7 +412,10 @@ class Trainer:
                     if not math.isfinite(res.loss) and not self.scaler.is_enabled():
                         nonfinite += 1
                         if nonfinite >= MAX_NONFINITE_STEPS:
-                            keep = ckpt.latest_checkpoint(self.ckpt_root)
+                            # The weights saved at step s gave the loss of step s + 1: the checkpoints from
+                            # the step before the first non-finite loss on are set aside, never resumed from.
+                            first_bad = self.step - nonfinite + 1
+                            keep = ckpt.quarantine_from(self.ckpt_root, first_bad - 1) if is_main else None
                             raise TrainingError(
                                 f"loss is not finite for {nonfinite} steps in a row (step {self.step}); stopped. "
                                 f"Last good checkpoint: {keep or 'none yet'}. Try a lower train.lr, "
@@ -427,7 +430,8 @@ class Trainer:
                         train_loss = res.loss
                     record = {"step": self.step, "loss": res.loss, "lr": res.lr, "tokens_per_s": round(tps, 1),
                               "step_s": round(res.seconds, 4), "skipped": res.skipped}
-                    do_eval = self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0)
+                    do_eval = not self._stop_agreed and (
+                        self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
                     if do_eval:  # every rank evaluates its share; rank 0 logs
                         val_loss = self.evaluate()
                         record["val_loss"] = val_loss
@@ -437,8 +441,9 @@ class Trainer:
                     history.append(record)
                     progress.update(self.step, res.loss, res.lr, tps, val_loss)
                     every = cfg.checkpoint.every_steps
-                    if (every and self.step % every == 0) or self.step == t.max_steps or self._stop_agreed:
-                        last_ckpt = self.save()
+                    if nonfinite == 0 and ((every and self.step % every == 0) or self.step == t.max_steps
+                                           or self._stop_agreed):
+                        last_ckpt = self.save()  # never from weights that just gave a non-finite loss
                     if self._stop_agreed:
                         if is_main:
                             why = (f"signal {self._stop_signal}" if self._stop_signal
@@ -452,7 +457,7 @@ class Trainer:
                 torch.autograd.set_detect_anomaly(False)
             if metrics is not None:
                 metrics.close()
-        if is_main and cfg.logging.plot:
+        if is_main and cfg.logging.plot and not self._stop_agreed:  # stopping: leave at once
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         elapsed = time.perf_counter() - t_start
         summary = RunSummary(str(self.out_dir), self.step, train_loss, val_loss,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,9 +15,12 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from_step is not None and self.path.exists():
             # Keep only records up to the resumed step, so a resumed run's file reads like an uninterrupted one.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_from_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # A line cut short (killed or disk full mid-write) is dropped. The rewrite is atomic: a kill
+            # during it leaves the old file, never a truncated one.
+            kept = [ln for ln, rec in _parse_lines(self.path) if rec.get("step", 0) <= resume_from_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
         self._f = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir is not None:
@@ -42,11 +46,24 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _parse_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete record; damaged lines (cut short, binary) are skipped."""
+    out = []
+    for ln in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+            out.append((ln, rec))
+    return out
+
+
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [rec for _, rec in _parse_lines(path)]
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Optional[Path]:
