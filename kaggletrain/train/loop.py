@@ -457,7 +457,7 @@ class Trainer:
                 torch.autograd.set_detect_anomaly(False)
             if metrics is not None:
                 metrics.close()
-        if is_main and cfg.logging.plot and not self._stop_agreed:  # stopping: leave at once
+        if is_main and cfg.logging.plot:
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         elapsed = time.perf_counter() - t_start
         summary = RunSummary(str(self.out_dir), self.step, train_loss, val_loss,
