@@ -22,13 +22,12 @@ def wkv_sequential(r, w, k, v, a, b, state=None):
         state = torch.zeros(B, H, N, N, dtype=acc, device=r.device)
     S = state.to(acc)
     d = torch.exp(decay_log(w.to(acc)))
-    r, k, v, a, b = (t.to(acc) for t in (r, k, v, a, b))
+    # unbind once: indexing [:, t] inside the loop would make the backward quadratic in T.
+    steps = zip(*(t.to(acc).unbind(1) for t in (r, d, k, v, a, b)))
     ys = []
-    for t in range(T):
-        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
-        S = (S * d[:, t, :, None, :]
-             + sa[..., :, None] * b[:, t, :, None, :]
-             + v[:, t, :, :, None] * k[:, t, :, None, :])
-        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+    for rt, dt, kt, vt, at, bt in steps:
+        sa = torch.einsum("bhij,bhj->bhi", S, at)
+        S = S * dt[:, :, None, :] + sa[..., :, None] * bt[:, :, None, :] + vt[..., :, None] * kt[:, :, None, :]
+        ys.append(torch.einsum("bhij,bhj->bhi", S, rt))
     y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N, dtype=acc)
     return y.to(r.dtype), S
