@@ -61,6 +61,46 @@ def _unflat(flat):
     return [tuple(flat[i:i + 3]) if flat[i + 1] is not None else None for i in range(0, len(flat), 3)]
 
 
+class _ChunkRecompute(torch.autograd.Function):
+    """One chunk of `_forward_chunked`, run without keeping its autograd graph and recomputed in backward.
+
+    apply(fn, n_states, *states, *params) -> fn(states), where fn(states) -> (loss_sum, *carried_states)
+    and `params` are the trainable parameters fn uses. As with reentrant checkpointing, the forward builds
+    no graph: per chunk only its input states stay alive (non-reentrant checkpointing keeps each chunk's
+    graph nodes, and on CPU those thousands of small allocations, interleaved with the freed activations,
+    fragment the heap so the process RSS grows with the sequence length). Unlike reentrant checkpointing,
+    the parameters are explicit inputs: their gradients for every chunk come back through these nodes and
+    are summed by the engine, so each parameter's AccumulateGrad (and DDP's hook on it) runs once per
+    backward. Backward recomputes fn under the forward's autocast settings (fn sets them itself)."""
+
+    @staticmethod
+    def forward(ctx, fn, n_states, *args):
+        states, params = args[:n_states], args[n_states:]
+        ctx.fn, ctx.n_states, ctx.params = fn, n_states, params
+        ctx.save_for_backward(*states)
+        with torch.no_grad():
+            return tuple(fn(list(states)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n_states
+        need = ctx.needs_input_grad[2:]
+        states = [s.detach().requires_grad_(need[i]) if s is not None and need[i] else s
+                  for i, s in enumerate(ctx.saved_tensors)]
+        with torch.enable_grad():
+            outs = ctx.fn(states)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt_idx = [i for i, s in enumerate(states) if s is not None and need[i]]
+        wrt_idx += [n + i for i, p in enumerate(ctx.params) if need[n + i]]
+        wrt = [states[i] if i < n else ctx.params[i - n] for i in wrt_idx]
+        result = [None] * (n + len(ctx.params))
+        if pairs and wrt:
+            got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            for i, g in zip(wrt_idx, got):
+                result[i] = g
+        return (None, None, *result)
+
+
 class RWKVModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -121,6 +161,11 @@ class RWKVModel(nn.Module):
     def train(self, mode: bool = True):
         if mode:
             self._inference = False
+            saved = getattr(self, "_saved_requires_grad", None)
+            if saved:  # undo optimize_for_inference's freezing (keeping intentionally frozen tensors frozen)
+                for n, p in self.named_parameters():
+                    p.requires_grad_(saved.get(n, p.requires_grad))
+                self._saved_requires_grad = None
         return super().train(mode)
 
     @torch.no_grad()
@@ -130,8 +175,11 @@ class RWKVModel(nn.Module):
         self.eval()
         if dtype is not None:
             self.to(dtype)
-        self._emb_folded = self.blocks[0].ln0(self.emb.weight).detach()
+        # A non-persistent buffer: follows .to()/.cuda(), stays out of the state dict.
+        self.register_buffer("_emb_folded", self.blocks[0].ln0(self.emb.weight).detach(), persistent=False)
         self._inference = True
+        if getattr(self, "_saved_requires_grad", None) is None:
+            self._saved_requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
         for p in self.parameters():
             p.requires_grad_(False)
         return self
@@ -220,7 +268,9 @@ class RWKVModel(nn.Module):
         if targets is None:
             return None, 0
         count = int((targets != IGNORE_INDEX).sum())
-        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, count
 
@@ -282,7 +332,12 @@ class RWKVModel(nn.Module):
     def _forward_chunked(self, input_ids, valid, position_ids, targets, layer_states, return_logits, bptt):
         """Chunks of `rwkv_chunk_size` tokens; each re-reads `rwkv_chunk_overlap` tokens of the previous
         chunk (attention context) while the RWKV state enters at the start of that overlap, so no token
-        enters the state twice and each token's loss is counted once."""
+        enters the state twice and each token's loss is counted once.
+
+        With gradients and return_logits=False (training), every chunk but the last runs through
+        `_ChunkRecompute`: no graph is kept for it, only its input states, and it is recomputed in the
+        backward pass, so memory holds one chunk of activations whatever the sequence length, and the
+        gradients are exact (bptt="full") or stop at chunk boundaries (bptt="truncated")."""
         cfg = self.config
         T, cs, ov = input_ids.shape[1], cfg.rwkv_chunk_size, cfg.rwkv_chunk_overlap
         starts = list(range(0, T, cs))
@@ -291,8 +346,21 @@ class RWKVModel(nn.Module):
         first_attn = [layer_states[i] if not self.blocks[i].is_rwkv_block else None for i in range(len(self.blocks))]
         loss_total, count_total, logits_parts = None, 0, []
         final_states = None
-        use_ckpt = torch.is_grad_enabled() and not return_logits
+        recompute = torch.is_grad_enabled() and not return_logits
+        params = [p for p in self.parameters() if p.requires_grad] if recompute else []
+        # _ChunkRecompute hands gradients to the parameters it is given. Under FSDP (sharded DTensor
+        # parameters, unsharded copies swapped in per block) they must instead flow through the ordinary
+        # graph: use non-reentrant checkpointing there (exact too; it keeps each chunk's graph nodes).
+        plain_params = bool(params) and not any(c.__name__ == "FSDPModule" for c in type(self).__mro__) \
+            and not any(type(p).__name__ == "DTensor" for p in params)
         scheme = cfg.state_compression if cfg.rwkv_state_compression else None
+        amp = self._amp_dtype is not None and not self._inference
+        amp_dtype, dev_type = self._amp_dtype or torch.bfloat16, input_ids.device.type
+
+        def compact(t):
+            # A token-shift state is a view (x[:, -1]) of a whole [B, T, C] LayerNorm output: carried or
+            # returned as it is, it would keep that chunk's activations alive. Keep a compact copy.
+            return t.clone() if t is not None and t._base is not None else t
 
         for ci, s in enumerate(starts):
             lo = max(0, s - ov) if ci > 0 else 0
@@ -300,38 +368,52 @@ class RWKVModel(nn.Module):
             next_lo = max(0, hi - ov) if hi < T else None     # where the next chunk's overlap starts
             split = (next_lo - lo) if next_lo is not None else None
             skip = s - lo                                      # overlap positions: outputs discarded
-            sl = slice(lo, hi)
-            v_c = valid[:, sl] if valid is not None else None
-            tg = targets[:, sl].clone() if targets is not None else None
-            if tg is not None and skip:
-                tg[:, :skip] = IGNORE_INDEX
+            attn_states = first_attn if ci == 0 else [None] * len(self.blocks)
 
-            def run(ids, v_c, pos, tg, *flat, _split=split, _skip=skip, _ci=ci):
-                states = list(first_attn) if _ci == 0 else [None] * len(self.blocks)
-                for j, st in zip(rwkv_idx, _unflat(list(flat))):
+            def run(rwkv_states, _lo=lo, _hi=hi, _split=split, _skip=skip, _attn=attn_states):
+                states = list(_attn)
+                for j, st in zip(rwkv_idx, rwkv_states):
                     states[j] = st
-                x, new, mid = self._forward_tokens(ids, v_c, pos, states, _split)
+                sl = slice(_lo, _hi)
+                v_c = valid[:, sl] if valid is not None else None
+                x, new, mid = self._forward_tokens(input_ids[:, sl], v_c, position_ids[:, sl], states, _split)
                 logits = self.head(self.ln_out(x))
-                ls, cnt = self._loss_sum(logits, tg)
+                tg = None
+                if targets is not None:
+                    tg = targets[:, sl]
+                    if _skip:
+                        tg = tg.clone()
+                        tg[:, :_skip] = IGNORE_INDEX
+                ls, _ = self._loss_sum(logits, tg)
                 ls = logits.new_zeros((), dtype=torch.float32) if ls is None else ls
-                nxt = [mid[j] if _split is not None else new[j] for j in rwkv_idx]
-                return (ls, torch.tensor(cnt), logits[:, _skip:] if return_logits else None,
-                        new, *_flat(nxt))
+                nxt = [tuple(compact(t) for t in (mid[j] if _split is not None else new[j])) for j in rwkv_idx]
+                new = [tuple(compact(t) for t in st) if st is not None and self.blocks[j].is_rwkv_block else st
+                       for j, st in enumerate(new)]
+                return ls, (logits[:, _skip:] if return_logits else None), new, nxt
 
-            flat_in = _flat(carry)
-            args = (input_ids[:, sl], v_c, position_ids[:, sl], tg, *flat_in)
-            if use_ckpt:
-                ls, cnt, lg, new, *flat_next = checkpoint(run, *args, use_reentrant=False)
+            if recompute and next_lo is not None:
+                def chunk_fn(flat, _run=run):
+                    with torch.autocast(device_type=dev_type, dtype=amp_dtype, enabled=amp):
+                        ls, _, _, nxt = _run(_unflat(list(flat)))
+                    return (ls, *_flat(nxt))
+
+                flat_in = _flat(carry)
+                if plain_params:
+                    ls, *flat_next = _ChunkRecompute.apply(chunk_fn, len(flat_in), *flat_in, *params)
+                else:
+                    ls, *flat_next = checkpoint(lambda *flat, _fn=chunk_fn: _fn(flat), *flat_in,
+                                                use_reentrant=False)
+                carry, lg = _unflat(flat_next), None
             else:
-                ls, cnt, lg, new, *flat_next = run(*args)
+                ls, lg, new, carry = run(carry)
+                if next_lo is None:
+                    final_states = new
             loss_total = ls if loss_total is None else loss_total + ls
-            count_total += int(cnt)
+            if targets is not None:
+                count_total += int((targets[:, s:hi] != IGNORE_INDEX).sum())
             if lg is not None:
                 logits_parts.append(lg)
-            carry = _unflat(flat_next)
-            if next_lo is None:
-                final_states = new
-            else:
+            if next_lo is not None:
                 if bptt == "truncated":
                     carry = [tuple(t.detach() for t in c) for c in carry]
                 if scheme is not None:
@@ -340,3 +422,23 @@ class RWKVModel(nn.Module):
         if targets is None:
             loss_total = None
         return loss_total, count_total, logits, final_states
+
+    # ---- checkpoints and generation (implemented in kaggletrain.interop / kaggletrain.infer) -------
+    @classmethod
+    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = torch.float32, device=None) -> "RWKVModel":
+        """Load an official RWKV-7 .pth, a kaggletrain checkpoint directory or a .safetensors file."""
+        from kaggletrain.interop import load_checkpoint
+
+        return load_checkpoint(path, dtype=dtype, device=device)[0]
+
+    def save_pretrained(self, directory, tokenizer=None, states=None, extra=None):
+        """Write a kaggletrain checkpoint directory (model.safetensors + config.json [+ tokenizer.json])."""
+        from kaggletrain.interop import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer=tokenizer, states=states, extra=extra)
+
+    def generate(self, input_ids, **kwargs):
+        """Sample continuations; see kaggletrain.infer.generate for the arguments."""
+        from kaggletrain.infer import generate
+
+        return generate(self, input_ids, **kwargs)
