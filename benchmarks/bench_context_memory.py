@@ -74,7 +74,7 @@ def worker(spec: dict) -> dict:
     def step(x):
         out = model(x, labels=x, **kw)
         out.loss.backward()
-        return float(out.loss)
+        return out.loss.detach().item()
 
     # Warm-up on the same code path with a tiny input: the first torch.utils.checkpoint call imports
     # ~800 modules (torch._dynamo & co., about 70 MB of RSS) once per process; that is not step memory.

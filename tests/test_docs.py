@@ -16,6 +16,7 @@ seconds; what is checked is that every command exits 0 with the documented argum
   RWKV-7 checkpoint of the shape the command's config asks for. Relative paths are created where the
   command names them, so the command runs as written; absolute ones are replaced by a local copy.
 - eval: `--batches 1`. bench: `--quick --threads 1`. push `--rehearse`: `--rehearse-steps 2`.
+  `--device cuda` becomes `--device cpu` without a GPU.
 - push, status and pull talk to kaggletrain.kaggle.fake_server (a local stand-in for the Kaggle API that
   the real client is pointed at) as user `alice` with a fake key; `status` and `pull` find the kernel
   complete, its outputs being the runs trained earlier in the same file.
@@ -61,9 +62,11 @@ class DocCommand:
     torchrun: list[str] | None = None   # torchrun's own arguments when run under torchrun
 
 
-def _parse(part: str, where: str) -> DocCommand | None:
-    words = shlex.split(part, comments=True)
-    part = shlex.join(words)  # as written, minus the comment
+OPERATORS = ("&&", "||", ";", "|", "&")
+
+
+def _parse(words: list[str], where: str) -> DocCommand | None:
+    part = shlex.join(words)  # the command as written, minus any comment
     env = {}
     while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
         key, _, value = words.pop(0).partition("=")
@@ -97,10 +100,22 @@ def extract(path: Path) -> list[DocCommand]:
             pending += line.rstrip()[:-1] + " "
             continue
         full, pending = pending + line, ""
-        for part in re.split(r"&&|;", full):
-            cmd = _parse(part, f"{path.relative_to(ROOT)}:{start}")
+        lexer = shlex.shlex(full, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, ""  # bash: '#' starts a comment only as a word
+        tokens: list[str] = []
+        for token in lexer:
+            if token.startswith("#"):
+                break
+            tokens.append(token)
+        words: list[str] = []
+        for token in [*tokens, ";"]:
+            if token not in OPERATORS:
+                words.append(token)
+                continue
+            cmd = _parse(words, f"{path.relative_to(ROOT)}:{start}") if words else None
             if cmd is not None:
                 commands.append(cmd)
+            words = []
     return commands
 
 
@@ -208,10 +223,15 @@ def _adapt_train(args: list[str], project: Path) -> list[str]:
 
 
 def adapt(cmd: DocCommand, project: Path) -> list[str]:
+    import torch
+
     args = list(cmd.argv)
     name = args[0] if args else ""
     if name == "train":
         return _adapt_train(args, project)
+    for i, a in enumerate(args[:-1]):
+        if a == "--device" and args[i + 1] == "cuda" and not torch.cuda.is_available():
+            args[i + 1] = "cpu"
     if name in ("generate", "export", "eval") and len(args) > 1 and args[1].endswith(".pth"):
         new = _materialise_pth(args[1], project, 65536, SHRUNK)
         if new:

@@ -50,12 +50,13 @@ def test_decode_step_and_prefill_match_the_model(variant):
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
-    logits, st = run_last(model, ids[:, :8])
-    assert torch.allclose(logits, full[:, 7], atol=1e-5, rtol=0)
-    step = DecodeStep(model)
-    for t in range(8, 12):
-        logits, st = step(ids[:, t], st)
-        assert torch.allclose(logits, full[:, t], atol=1e-5, rtol=0), t
+    for rows in ([0], [0, 1, 2]):  # batch 1 and batch 3 take different head paths
+        logits, st = run_last(model, ids[rows, :8])
+        assert torch.allclose(logits, full[rows, 7], atol=1e-5, rtol=0)
+        step = DecodeStep(model)
+        for t in range(8, 12):
+            logits, st = step(ids[rows, t], st)
+            assert torch.allclose(logits, full[rows, t], atol=1e-5, rtol=0), t
     # A masked row keeps its state bit for bit.
     before = st.expand()
     _, after = step(ids[:, 0], st, torch.tensor([1, 0, 1]))

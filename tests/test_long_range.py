@@ -104,7 +104,6 @@ def test_task_needs_more_than_two_chunks():
     assert all(not (lo <= 0 < hi and lo <= T - 1 < hi) for lo, hi in w)
 
 
-@pytest.mark.slow
 def test_state_carried_across_chunks_learns_long_range_recall():
     model, steps = train(carry=True, stop_at=0.97)
     acc = accuracy(model, carry=True)

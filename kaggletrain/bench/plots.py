@@ -31,8 +31,11 @@ def _log(ax, which: str, base: int = 10) -> None:
 
     (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=base)
     axis = ax.xaxis if which == "x" else ax.yaxis
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    # Less than two decades: label the minor ticks too, or the axis may carry a single number.
+    axis.set_minor_formatter(plain if lo > 0 and hi / lo < 100 else FuncFormatter(lambda v, _: ""))
 
 
 def grouped_bars(ax, groups: list[str], values: dict[str, list], *, ylabel: str, title: str, log: bool = False,

@@ -119,6 +119,17 @@ class DecodeStep:
     def __init__(self, model):
         self.model = model
         self.layers = [_Layer(b) if b.is_rwkv_block else None for b in model.blocks]
+        self._head_t: Optional[torch.Tensor] = None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.model.head
+        if x.shape[0] != 1 or x.device.type != "cpu" or head.bias is not None:
+            return head_logits(self.model, x)
+        # Batch 1 on CPU: x @ W^T streams the V x C head 1.5x faster from a [C, V] copy (gemv over long
+        # contiguous rows) than from the [V, C] parameter; the copy is made once per generation.
+        if self._head_t is None:
+            self._head_t = head.weight.detach().t().contiguous()
+        return (self.model.ln_out(x) @ self._head_t).float()
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: ModelState,
@@ -151,7 +162,7 @@ class DecodeStep:
                 st_new = tuple(torch.where(keep_old.view(-1, *([1] * (n.dim() - 1))), o.to(n.dtype), n)
                                for o, n in zip(st, st_new))
             new_states.append(st_new)
-        logits = head_logits(model, x)
+        logits = self._logits(x)
         step = torch.ones_like(pos) if mask is None else mask.long().view(-1)
         out = model._join_state(new_states, pos + step)
         if cfg.rwkv_state_compression:

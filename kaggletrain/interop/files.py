@@ -64,13 +64,14 @@ def sniff(path: Path) -> str:
         head = f.read(16)
     if head.startswith(ZIP_MAGIC):
         return "zip"
-    if head[:1] == bytes([PICKLE_PROTO]):
-        return "pickle"
-    # safetensors: u64 little-endian header length, then a JSON object.
+    # safetensors first: u64 little-endian header length, then a JSON object. Its first byte can be
+    # 0x80 (a header of 128 + 256k bytes), which would otherwise look like a pickle protocol marker.
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
         if 0 < n <= path.stat().st_size - 8:
             return "safetensors"
+    if head[:1] == bytes([PICKLE_PROTO]):
+        return "pickle"
     return "unknown"
 
 
