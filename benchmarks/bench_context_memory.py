@@ -8,15 +8,20 @@ Two questions (issue 5):
      1.4x the step time.
 
 Every point runs in a fresh subprocess (so one point's peak cannot hide another's). The worker builds
-the model, runs a tiny warm-up step (loads kernels, allocates the parameter gradients), records its
-current RSS as the baseline, runs the measured step and reports `ru_maxrss - baseline`: the step's
-activations, transient buffers and allocator overhead. The points are run twice, with glibc's default
+the model, runs a tiny warm-up step on the same code path (loads kernels, allocates the parameter
+gradients, pays torch.utils.checkpoint's one-time ~70 MB of imports), records its current RSS as the
+baseline, runs the measured step and reports `ru_maxrss - baseline`: the step's activations, transient
+buffers and allocator overhead. Times: wall clock, and user/system CPU time of the process (one thread,
+so user CPU time is the compute cost even when other jobs share the cores). The points are run twice, with glibc's default
 malloc and with `MALLOC_MMAP_THRESHOLD_` pinned (which turns off glibc's dynamic mmap threshold: freed
 buffers then go back to the OS at once, so the number is what the tensors need rather than what a
 fragmented heap keeps).
 
     python benchmarks/bench_context_memory.py                    # full run, writes benchmarks/results/
     python benchmarks/bench_context_memory.py --quick            # short sequences only (smoke test)
+    python benchmarks/bench_context_memory.py --skip-context --ckpt-repeats 5 --out benchmarks/results/context_ckpt_c64.json
+    python benchmarks/bench_context_memory.py --skip-context --ckpt-hidden 256 --ckpt-head-size 64 --ckpt-T 1024 \
+        --out benchmarks/results/context_ckpt_c256.json
 """
 
 from __future__ import annotations
