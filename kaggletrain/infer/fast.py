@@ -4,7 +4,8 @@
 dispatch), about 200 tensor operations per layer. At batch 1 on a CPU the weights are read from memory
 once per token anyway, so those small operations are a large share of the step time. `DecodeStep` runs
 the same equations (spec section 1, RNN form) with about 45 operations per layer, reading the model's own
-parameters (no copies except the six [C] token-shift mixes stacked into one [6, 1, C] tensor):
+parameters (copies: the six [C] token-shift mixes stacked into one [6, 1, C] tensor, and at batch 1 on a
+CPU a [C, V] transpose of the head, see `DecodeStep._logits`):
 
   - the six token-shift mixes in one addcmul; LoRA biases folded into addmm; the value residual as lerp;
   - the WKV step in three passes over the state (see `_Layer.step`) instead of several full-size
@@ -37,7 +38,6 @@ class _Layer:
 
     def __init__(self, blk):
         att, ffn = blk.att, blk.ffn
-        self.blk = blk
         self.first = att.first_rwkv
         self.H, self.N = att.n_head, att.head_size
         self.ln1, self.ln2 = blk.ln1, blk.ln2
@@ -53,7 +53,7 @@ class _Layer:
         self.v0, self.v1, self.v2 = _flat(att.v0), att.v1, att.v2
         self.g1, self.g2 = att.g1, att.g2
         self.k_k, self.k_a, self.r_k = _flat(att.k_k), _flat(att.k_a), _flat(att.r_k)
-        self.one_minus_k_a = 1 - self.k_a
+        self.one_minus_k_a = (1 - self.k_a).detach()
         self.f_mix = _flat(ffn.x_k)
         self.Wfk, self.Wfv = ffn.key.weight, ffn.value.weight
 
