@@ -19,7 +19,9 @@ FIELDS = ("parameters", "trainable_parameters", "tokens_per_step", "step_time_s"
 
 
 def cli(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One thread per process: with pytest-xdist on 2 cores, 2 threads each oversubscribe the CPU and make
+    # step times swing by several x between the dry run and the real run.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "kaggletrain", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600)
 
