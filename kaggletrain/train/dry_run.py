@@ -152,15 +152,9 @@ def _report(cfg, trainer, times, losses, peak, rss_before, setup_s, ckpt_s, eval
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    from kaggletrain.bench.machine import cpu_name
 
-    return platform.processor() or "cpu"
+    return cpu_name()
 
 
 def _search_fitting_batch(cfg, trainer) -> dict:
