@@ -50,7 +50,10 @@ def test_decode_step_and_prefill_match_the_model(variant):
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
-    for rows in ([0], [0, 1, 2]):  # batch 1 and batch 3 take different head paths
+    # batch 1 and batch 3 take different head paths; optimize_for_inference folds ln0 and re-lays weights
+    for rows, optimize in (([0], False), ([0, 1, 2], False), ([0], True), ([0, 1, 2], True)):
+        if optimize:
+            model.optimize_for_inference()
         logits, st = run_last(model, ids[rows, :8])
         assert torch.allclose(logits, full[rows, 7], atol=1e-5, rtol=0)
         step = DecodeStep(model)

@@ -177,6 +177,14 @@ class RWKVModel(nn.Module):
             self.to(dtype)
         # A non-persistent buffer: follows .to()/.cuda(), stays out of the state dict.
         self.register_buffer("_emb_folded", self.blocks[0].ln0(self.emb.weight).detach(), persistent=False)
+        if self.emb.weight.device.type == "cpu":
+            # Decoding is one matrix-vector product per weight; CPU gemv streams the FFN key [4C, C] ~1.5x
+            # faster stored as [C, 4C] (long contiguous rows). Same shape and values, other strides
+            # (benchmarks/bench_infer_cpu.py, kaggletrain/infer/fast.py).
+            for blk in self.blocks:
+                w = blk.ffn.key.weight if blk.is_rwkv_block else None
+                if w is not None and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
         self._inference = True
         if getattr(self, "_saved_requires_grad", None) is None:
             self._saved_requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
