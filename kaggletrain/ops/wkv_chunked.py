@@ -20,12 +20,17 @@ Stacking rows (sa_t^T into SA [L, N], likewise V, K, ...):
     S_L = S0 diag(gamma_L) + SA^T B_ + V^T K_,   b__s = b_s * gamma_L / gamma_s (k__s likewise)
 with M_ab[t,s] = sum_j a_tj b_sj gamma_{t-1,j} / gamma_{s,j} for s < t (strictly lower triangular), M_ak the
 same with k, and M_rb, M_rk built from r_t and gamma_t for s <= t (inclusive). With Tinv = (I - M_ab)^{-1}
-(unit lower triangular) the first line gives SA = P S0^T + Tinv M_ak V, P = Tinv A~, so every chunk is an
-affine map of its start state whose parts are all computed for every chunk at once:
-    Y   = Yr S0^T + Y0,   Yr = R~ + M_rb P,   Y0 = (M_rb Tinv M_ak + M_rk) V
-    S_L = S0 diag(gamma_L) + (S0 P^T) B_ + U,   U = V^T (K_ + (Tinv M_ak)^T B_)
-Only the last line runs chunk after chunk (two small batched matmuls per chunk); the backward runs the
-transposed recurrence in reverse and is otherwise batched over all chunks too.
+(unit lower triangular) the first line gives SA = P S0^T + TM V, P = Tinv A~, TM = Tinv M_ak, so every
+chunk is an affine map of its start state whose parts are all computed for every chunk at once:
+    Y   = Yr S0^T + Y0,   Yr = R~ + M_rb P,   Y0 = (M_rb TM + M_rk) V
+    S_L = S0 diag(gamma_L) + V^T Keff + X B_,   X = S0 P^T,   Keff = K_ + TM^T B_
+Only the last line runs chunk after chunk (three small batched matmuls per chunk, on [B*H] matrices that
+stay in cache); Y is one batched product after it. The backward runs the transposed recurrence in reverse
+and does there every product that needs a chunk's start state or its end-state gradient (the grads of X,
+P, Yr, Keff, B_, V and gamma_L), so no [chunks, N, N] gradient tensor is ever materialised; the rest of the
+backward is batched over all chunks. On CPU the state products (~12 N^2 multiply-adds per token and head,
+forward + backward) run near the BLAS rate; the intra-chunk part is mostly elementwise passes and
+[L, L] x [L, N] products, whose cost is set by memory traffic and per-matrix overhead.
 
 Exponent safety: log d >= -e^-0.5 = -0.6066 per token. gamma_t, gamma_L / gamma_s and gamma_{t-1} / gamma_s
 (s < t) are all <= 1, but the pairwise matrices need gamma_{t-1} and 1 / gamma_s as separate factors of a
@@ -42,10 +47,10 @@ from kaggletrain.ops.decay import DECAY_SCALE, decay_log
 
 __all__ = ["wkv_chunked", "default_chunk_len", "max_chunk_len"]
 
-# Chosen by measurement at the benchmark shape (B=4, T=1024, H=4, N=64, float32; CPU time of one thread,
-# as the 2 cores were shared): forward+backward 273 ms at L=16, 302 ms at L=32, 381 ms at L=8. The state
-# terms cost ~N^2 per token whatever L is, the intra-chunk matrices ~L*N per token, and per-chunk overhead
-# (the sequential scan) grows as T/L, so 16 balances them for N=64.
+# Chosen by measurement (float32, CPU time of one thread, as the 2 cores were shared). B=4, T=1024, H=4,
+# N=64, forward+backward: 213 ms at L=16, 216 ms at L=32, 239 ms at L=24 (best of 8, interleaved); B=16,
+# T=128, H=4, N=32: L=8 and L=16 tie, L=32 is ~25% slower. The state terms cost ~N^2 per token whatever L
+# is, the intra-chunk matrices ~L*N per token, and per-chunk overhead (the sequential scan) grows as T/L.
 _DEFAULT_CHUNK = {torch.float32: 16, torch.float64: 16}
 
 # Largest exponent allowed for one factor exp(+-(G - m)). Products of two factors, including the discarded
@@ -104,12 +109,13 @@ def _mt(x: torch.Tensor) -> torch.Tensor:
 def _intra_forward(x: torch.Tensor) -> dict:
     """Everything that does not depend on the chunk start states, for all chunks at once.
 
-    x: [C, BH, 6, L, N] holding (a, r, b, k, v, log d). Returns a dict of tensors (see the module docstring):
-      left [.., 2L, N] = (a, r) * exp(G_prev - m, G - m); right [.., 2L, N] = (b, k) * exp(m - G)
-      M [.., 2L, 2L] (masked), Tinv, TM = Tinv M_ak, Wy = M_rb TM + M_rk [.., L, L]
-      P, Yr, Y0 [.., L, N]; ART [.., 2, L, N] = (A~, R~); BK [.., 2, L, N] = (B_, K_); Keff [.., L, N];
-      U [.., N, N]; gL [.., 1, N]
-      E [.., 2, L, N], ek [.., L, N], em, e_end [.., 1, N]: the exponential factors, for the backward.
+    x: [C, BH, 6, L, N] holding (a, r, b, k, v, log d). With E = exp(G_prev - m, G - m) [.., 2, L, N],
+    ek = exp(m - G), left = (a, r) * E and right = (b, k) * ek ([.., 2L, N] each), M = left right^T masked,
+    the chunk's maps (module docstring) come out as
+      P' = Tinv A', TM = Tinv M_ak, Yr' = M_rb P' + R', Wy = M_rb TM + M_rk   (A', R' = the two halves of left)
+      P = P' em, Yr = Yr' em (em = exp(m)); Y0 = Wy v
+      Keff = (TM^T B' + K') e_end, Bb = B' e_end   (B', K' = the halves of right; e_end = exp(G_L - m))
+    Returns a dict with those and the pieces the backward needs.
     """
     C, BH, _, L, N = x.shape
     xar, xbk, v, ld = x[:, :, 0:2], x[:, :, 2:4], x[:, :, 4], x[:, :, 5]
@@ -134,58 +140,69 @@ def _intra_forward(x: torch.Tensor) -> dict:
     # unitriangular=True never reads the diagonal, so -M_ab stands for I - M_ab.
     Tinv = torch.linalg.solve_triangular(-M_ab, eye, upper=False, unitriangular=True)
 
-    em = torch.exp(m)
-    ART = left.view(C, BH, 2, L, N) * em.unsqueeze(2)  # (A~, R~): the true, unshifted factors
-    P = torch.matmul(Tinv, ART[:, :, 0])
+    Pp = torch.matmul(Tinv, left[..., :L, :])
     TM = torch.matmul(Tinv, M_ak)
-    Yr = torch.matmul(M_rb, P).add_(ART[:, :, 1])
+    Yrp = torch.matmul(M_rb, Pp).add_(left[..., L:, :])
     Wy = torch.matmul(M_rb, TM).add_(M_rk)
+    em = torch.exp(m)
+    P = Pp * em
+    Yr = Yrp.mul_(em)  # Yr' itself is not needed again
     Y0 = torch.matmul(Wy, v)
 
     e_end = torch.exp(GL - m)
-    BK = right.view(C, BH, 2, L, N) * e_end.unsqueeze(2)
-    Keff = torch.matmul(_mt(TM), BK[:, :, 0]).add_(BK[:, :, 1])
-    U = torch.matmul(_mt(v), Keff)
+    Bp, Kp = right[..., :L, :], right[..., L:, :]
+    Keff = torch.matmul(_mt(TM), Bp).add_(Kp).mul_(e_end)
+    Bb = Bp * e_end
     gL = torch.exp(GL)
-    return dict(left=left, right=right, M=M, Tinv=Tinv, TM=TM, Wy=Wy, P=P, Yr=Yr, Y0=Y0, ART=ART, BK=BK,
-                Keff=Keff, U=U, gL=gL, E=E, ek=ek, em=em, e_end=e_end)
+    return dict(left=left, right=right, M=M, Tinv=Tinv, TM=TM, Wy=Wy, Pp=Pp, P=P, Yr=Yr, Y0=Y0,
+                Keff=Keff, Bb=Bb, gL=gL, E=E, ek=ek, em=em, e_end=e_end)
 
 
-def _scan_forward(S0: torch.Tensor, P, Bb, U, gL):
-    """Chunk start states. S0 [BH, N, N]; P, Bb [C, BH, L, N]; U [C, BH, N, N]; gL [C, BH, 1, N].
+def _scan_forward(S0: torch.Tensor, v, P, Keff, Bb, gL):
+    """Chunk start states. S0 [BH, N, N]; v, P, Keff, Bb [C, BH, L, N]; gL [C, BH, 1, N].
 
-    S_{c+1} = S_c * gL_c + X_c Bb_c + U_c with X_c = S_c P_c^T.
-    Returns (states [C+1, BH, N, N], X [C, BH, N, L]).
+    S_{c+1} = S_c * gL_c + v_c^T Keff_c + X_c Bb_c, X_c = S_c P_c^T (kept transposed: XT_c = P_c S_c^T).
+    Returns (states [C+1, BH, N, N], XT [C, BH, L, N]). Everything per chunk stays in cache.
     """
     C = P.shape[0]
     states = S0.new_empty((C + 1,) + S0.shape)
     states[0] = S0
-    X = S0.new_empty(C, S0.shape[0], S0.shape[1], P.shape[2])
+    XT = torch.empty_like(P)
     for c in range(C):
-        torch.bmm(states[c], _mt(P[c]), out=X[c])
-        torch.addcmul(U[c], states[c], gL[c], out=states[c + 1])
-        states[c + 1].baddbmm_(X[c], Bb[c])
-    return states, X
+        S, Sn = states[c], states[c + 1]
+        torch.bmm(P[c], _mt(S), out=XT[c])
+        torch.mul(S, gL[c], out=Sn)
+        Sn.baddbmm_(_mt(v[c]), Keff[c]).baddbmm_(_mt(XT[c]), Bb[c])
+    return states, XT
 
 
 # --------------------------------------------------------------------------------------------------------
 # Backward pieces
 
 
-def _scan_backward(dS_final, dstarts, P, Bb, gL):
-    """Transposed recurrence, last chunk first. dS_final [BH, N, N]; dstarts [C, BH, N, N] (direct grads of
-    the chunk start states). Returns (dS0, dnext [C, BH, N, N], dX [C, BH, N, L]), dnext[c] being the total
-    grad of chunk c's end state.
+def _scan_backward(dS_final, dY, states, v, f, XT):
+    """Transposed recurrence, last chunk first, with every product that needs a chunk's state or its
+    end-state gradient done while both are in cache. dS_final [BH, N, N]; dY [C, BH, L, N].
+    Returns dS0 and, per chunk, the grads of P, Yr, Keff, Bb [C, BH, L, N], of v through U = v^T Keff
+    [C, BH, L, N] and of gL [C, BH, 1, N].
     """
+    P, Yr, Keff, Bb, gL = f["P"], f["Yr"], f["Keff"], f["Bb"], f["gL"]
     C = P.shape[0]
-    dnext = torch.empty_like(dstarts)
-    dX = dstarts.new_empty(C, dstarts.shape[1], dstarts.shape[2], P.shape[2])
+    dP, dYr, dKeff, dBb, dv = (torch.empty_like(P) for _ in range(5))
+    dgL = torch.empty_like(gL)
+    dXT = torch.empty_like(P)
     dS = dS_final
     for c in range(C - 1, -1, -1):
-        dnext[c] = dS
-        torch.bmm(dS, _mt(Bb[c]), out=dX[c])
-        dS = torch.addcmul(dstarts[c], dS, gL[c]).baddbmm_(dX[c], P[c])
-    return dS, dnext, dX
+        S = states[c]
+        torch.bmm(Bb[c], _mt(dS), out=dXT[c])
+        torch.bmm(Keff[c], _mt(dS), out=dv[c])
+        torch.bmm(v[c], dS, out=dKeff[c])
+        torch.bmm(XT[c], dS, out=dBb[c])
+        torch.sum(dS * S, dim=-2, keepdim=True, out=dgL[c])
+        torch.bmm(dXT[c], S, out=dP[c])
+        torch.bmm(dY[c], S, out=dYr[c])
+        dS = (dS * gL[c]).baddbmm_(_mt(dXT[c]), P[c]).baddbmm_(_mt(dY[c]), Yr[c])
+    return dS, dP, dYr, dKeff, dBb, dv, dgL
 
 
 def _revcumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -193,56 +210,56 @@ def _revcumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x - torch.cumsum(x, dim=dim) + x.sum(dim=dim, keepdim=True)
 
 
-def _intra_backward(x, f, dYr, dY0, dP, dBb, dU, dgL):
+def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
     """Gradient w.r.t. x [C, BH, 6, L, N] from the gradients of the per-chunk maps. The reference point m
     is held constant: every quantity is independent of it, so its total derivative is zero."""
     C, BH, _, L, N = x.shape
     v = x[:, :, 4]
-    M, Tinv, TM, Wy, P = f["M"], f["Tinv"], f["TM"], f["Wy"], f["P"]
-    M_ak, M_rb = M[..., :L, L:], M[..., L:, :L]
+    M, Tinv, TM, Wy, Pp = f["M"], f["Tinv"], f["TM"], f["Wy"], f["Pp"]
+    left, right, em, e_end = f["left"], f["right"], f["em"], f["e_end"]
+    M_rb = M[..., L:, :L]
+    Bp = right[..., :L, :]
 
-    dBK = torch.empty_like(f["BK"])  # (dB_, dK_)
-    dKeff = torch.matmul(v, dU)
-    dBK[:, :, 1] = dKeff
-    dv = torch.matmul(f["Keff"], _mt(dU))
-    dTM = torch.matmul(f["BK"][:, :, 0], _mt(dKeff))
-    dBK[:, :, 0] = torch.matmul(TM, dKeff).add_(dBb)
+    # Keff = (TM^T B' + K') e_end, Bb = B' e_end, gL = exp(G_L)
+    dGL = (dKeff * f["Keff"]).add_(dBb * f["Bb"]).sum(dim=-2, keepdim=True).addcmul_(dgL, f["gL"])
+    dKe = dKeff.mul_(e_end)  # grad of TM^T B' + K'
+    dright = torch.empty_like(right)
+    dright[..., L:, :] = dKe
+    dright[..., :L, :] = torch.matmul(TM, dKe).addcmul_(dBb, e_end)
+    dTM = torch.matmul(Bp, _mt(dKe))
 
-    dM = torch.empty_like(M)
+    # Y0 = Wy v; P = P' em; Yr = Yr' em with Yr' = M_rb P' + R', Wy = M_rb TM + M_rk
     dWy = torch.matmul(dY0, _mt(v))
     dv.add_(torch.matmul(_mt(Wy), dY0))
+    dPp = dP.mul_(em)
+    dYrp = dYr.mul_(em)
+    dM = torch.empty_like(M)
     dM[..., L:, L:] = dWy
+    dM[..., L:, :L] = torch.matmul(dYrp, _mt(Pp)).add_(torch.matmul(dWy, _mt(TM)))
+    dPp.add_(torch.matmul(_mt(M_rb), dYrp))
     dTM.add_(torch.matmul(_mt(M_rb), dWy))
-    dM_rb = torch.matmul(dWy, _mt(TM))
-    dM_rb.add_(torch.matmul(dYr, _mt(P)))
-    dM[..., L:, :L] = dM_rb
-    dP = dP + torch.matmul(_mt(M_rb), dYr)
-
-    dTinv = torch.matmul(dP, _mt(f["ART"][:, :, 0]))
-    dTinv.add_(torch.matmul(dTM, _mt(M_ak)))
-    dM[..., :L, L:] = torch.matmul(_mt(Tinv), dTM)
-    dM[..., :L, :L] = torch.matmul(torch.matmul(_mt(Tinv), dTinv), _mt(Tinv))
+    # P' = Tinv A', TM = Tinv M_ak, Tinv = (I - M_ab)^-1
+    dA = torch.matmul(_mt(Tinv), dPp)
+    dMak = torch.matmul(_mt(Tinv), dTM)
+    dM[..., :L, L:] = dMak
+    dM[..., :L, :L] = torch.matmul(dA, _mt(Pp)).add_(torch.matmul(dMak, _mt(TM)))
     dM.masked_fill_(~_mask(L, x.device), 0.0)
 
-    left, right = f["left"], f["right"]
     dleft = torch.matmul(dM, right)
-    dright = torch.matmul(_mt(dM), left)
+    dleft[..., :L, :].add_(dA)
+    dleft[..., L:, :].add_(dYrp)
+    dright.add_(torch.matmul(_mt(dM), left))
     dleft2, dright2 = dleft.view(C, BH, 2, L, N), dright.view(C, BH, 2, L, N)
-    # (A~, R~) = left * em and (B_, K_) = right * e_end.
-    dleft2[:, :, 0].addcmul_(torch.matmul(_mt(Tinv), dP), f["em"])
-    dleft2[:, :, 1].addcmul_(dYr, f["em"])
-    dright2.addcmul_(dBK, f["e_end"].unsqueeze(2))
 
     # Exponential factors -> log-decay. left = (a, r) * exp(G_prev - m, G - m), right = (b, k) * exp(m - G),
-    # BK = right * exp(G_L - m), gL = exp(G_L); then G = cumsum(ld), G_prev = G - ld.
+    # e_end = exp(G_L - m), gL = exp(G_L); then G = cumsum(ld), G_prev = G - ld.
     dx = torch.empty_like(x)
     torch.mul(dleft2, f["E"], out=dx[:, :, 0:2])
     torch.mul(dright2, f["ek"].unsqueeze(2), out=dx[:, :, 2:4])
     dx[:, :, 4] = dv
-    dGs = dleft2 * left.view(C, BH, 2, L, N)  # (dG_prev, dG) through `left`
+    dGs = dleft2.mul_(left.view(C, BH, 2, L, N))  # (dG_prev, dG) through `left`
     dG_prev = dGs[:, :, 0]
-    dG = dGs[:, :, 1].add_(dG_prev).sub_((dright2 * right.view(C, BH, 2, L, N)).sum(2))
-    dGL = (dBK * f["BK"]).sum(dim=(2, 3)).unsqueeze(-2).addcmul_(dgL, f["gL"])
+    dG = dGs[:, :, 1].add_(dG_prev).sub_(dright2.mul_(right.view(C, BH, 2, L, N)).sum(2))
     dG[..., L - 1 :, :] += dGL
     torch.sub(_revcumsum(dG, dim=-2), dG_prev, out=dx[:, :, 5])
     return dx
@@ -259,33 +276,26 @@ class _ChunkedWKV(torch.autograd.Function):
     def forward(ctx, x, S0):
         C, BH, _, L, N = x.shape
         f = _intra_forward(x)
-        states, X = _scan_forward(S0, f["P"], f["BK"][:, :, 0], f["U"], f["gL"])
+        v = x[:, :, 4]
+        states, XT = _scan_forward(S0, v, f["P"], f["Keff"], f["Bb"], f["gL"])
         starts = states[:C]
         Y = torch.baddbmm(f["Y0"].flatten(0, 1), f["Yr"].flatten(0, 1), _mt(starts.flatten(0, 1)))
-        del f["U"], f["Y0"]  # not needed by the backward; U alone is as large as `states`
-        ctx.save_for_backward(x, states, X, *f.values())
+        del f["Y0"]  # not needed by the backward
+        ctx.save_for_backward(x, states, XT, *f.values())
         ctx.keys = tuple(f.keys())
         return Y.view(C, BH, L, N), states[C].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dY, dS_final):
-        x, states, X, *fv = ctx.saved_tensors
+        x, states, XT, *fv = ctx.saved_tensors
         f = dict(zip(ctx.keys, fv))
-        C = x.shape[0]
-        starts = states[:C]
         # Upstream grads may be expanded (stride 0, e.g. from .sum()); batched matmuls on such operands
         # fall back to a slow per-matrix loop, so materialise them once.
         dY = torch.zeros_like(f["Yr"]) if dY is None else dY.contiguous()
-        dS_final = torch.zeros_like(states[C]) if dS_final is None else dS_final.contiguous()
-        dYr = torch.matmul(dY, starts)
-        dstarts = torch.matmul(_mt(dY), f["Yr"])
-        Bb = f["BK"][:, :, 0]
-        dS0, dnext, dX = _scan_backward(dS_final, dstarts, f["P"], Bb, f["gL"])
-        dgL = (dnext * starts).sum(dim=-2, keepdim=True)
-        dBb = torch.matmul(_mt(X), dnext)
-        dP = torch.matmul(_mt(dX), starts)
-        dx = _intra_backward(x, f, dYr, dY, dP, dBb, dnext, dgL)
+        dS_final = torch.zeros_like(states[-1]) if dS_final is None else dS_final.contiguous()
+        dS0, dP, dYr, dKeff, dBb, dv, dgL = _scan_backward(dS_final, dY, states, x[:, :, 4], f, XT)
+        dx = _intra_backward(x, f, dY, dP, dYr, dKeff, dBb, dv, dgL)
         return dx, dS0
 
 
