@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (as train.compile does)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="after timing, profile one step and print the K most expensive CUDA kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -42,16 +45,15 @@ def main() -> None:
     model.enable_mixed_precision(prec.amp_dtype)
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
+    if args.compile:
+        for blk in model.blocks:
+            blk.compile()
     opt = build_optimizer(model, 6e-4, 0.1, (0.9, 0.99), 1e-8, dev)
     scaler = torch.amp.GradScaler("cuda", enabled=prec.use_scaler)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=dev)
     inp, tgt = x[:, :-1], x[:, 1:]
     impl = resolve_impl("auto", torch.empty(1, 2, 1, 64, device=dev, dtype=prec.amp_dtype))
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def train_step():
         loss = model(inp, labels=tgt, shift_labels=False, return_logits=False).loss
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -59,7 +61,18 @@ def main() -> None:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    t_first = time.perf_counter()
+    for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = train_step()
+        torch.cuda.synchronize()
+        if i == 0:
+            first_step_s = time.perf_counter() - t_first  # includes compilation when --compile
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
@@ -68,13 +81,29 @@ def main() -> None:
     res = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "precision": prec.name, "wkv_impl": impl,
         "params": n_params, "batch": args.batch, "seq": args.seq, "grad_ckpt": args.grad_ckpt,
+        "compile": args.compile, "first_step_s": first_step_s,
         "step_ms_median": step * 1000, "step_ms_min": min(times) * 1000, "step_ms_max": max(times) * 1000,
         "tokens_per_s": tokens / step, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "final_loss": float(loss),
     }
-    print(f"TRAIN {res['card']} {res['precision']} wkv={impl} params={n_params / 1e6:.1f}M B={args.batch} "
+    tag = " compiled" if args.compile else ""
+    print(f"TRAIN{tag} {res['card']} {res['precision']} wkv={impl} params={n_params / 1e6:.1f}M B={args.batch} "
           f"T={args.seq}: {res['tokens_per_s']:,.0f} tok/s, step {res['step_ms_median']:.1f} ms "
           f"[{res['step_ms_min']:.1f}, {res['step_ms_max']:.1f}], peak {res['peak_mem_gib']:.1f} GiB")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train_step()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in rows) or 1.0
+        res["profile"] = []
+        print(f"PROFILE one step, CUDA time {total / 1e3:.1f} ms; top {args.profile} by self time:")
+        for e in sorted(rows, key=lambda e: e.self_device_time_total, reverse=True)[:args.profile]:
+            share = e.self_device_time_total / total
+            res["profile"].append({"name": e.key, "ms": e.self_device_time_total / 1e3, "calls": e.count})
+            print(f"  {e.self_device_time_total / 1e3:8.2f} ms {share:6.1%} x{e.count:<5d} {e.key[:90]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

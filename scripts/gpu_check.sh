@@ -46,11 +46,17 @@ timeout 200 "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2
 BENCH_RC=${PIPESTATUS[0]}
 
 echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096) and a GPU dry run"
-timeout 240 "$PY" benchmarks/bench_train_gpu.py --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
+timeout 200 "$PY" benchmarks/bench_train_gpu.py --profile 12 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
 TRAIN_RC=${PIPESTATUS[0]}
 timeout 120 "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
   --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"
 DRY_RC=$?
+timeout 120 "$PY" -m kaggletrain train configs/rwkv7_0.1b_h100.yaml data.source=builtin train.max_steps=20 \
+  --dry-run --steps 4 --json > "$OUT/dry_run_gpu_0.1b.json" 2> "$OUT/dry_run_gpu_0.1b.err"
+DRY2_RC=$?
+echo "== end-to-end with train.compile (per-block torch.compile; informational, last)"
+timeout 180 "$PY" benchmarks/bench_train_gpu.py --compile --json "$OUT/bench_train_gpu_compiled.json" 2>&1 \
+  | tee "$OUT/train_compiled.txt"
 
 echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
@@ -77,5 +83,8 @@ if os.path.exists(path):
 EOF
 echo "bench rc=$BENCH_RC"
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
-"$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run rc=$DRY_RC: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB\")" "$OUT/dry_run_gpu.json" 2>/dev/null || echo "dry run rc=$DRY_RC"
-exit $(( TEST_RC != 0 || BENCH_RC != 0 || TRAIN_RC != 0 || DRY_RC != 0 ))
+grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
+for f in dry_run_gpu dry_run_gpu_0.1b; do
+  "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"
+done
+exit $(( TEST_RC != 0 || BENCH_RC != 0 || TRAIN_RC != 0 || DRY_RC != 0 || DRY2_RC != 0 ))

@@ -166,3 +166,12 @@ def test_future_and_foreign_checkpoints_are_rejected(tmp_path):
     (step / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         ckpt.load_model_state(step)
+
+
+def test_compile_on_cpu_is_a_clear_error(tmp_path):
+    """train.compile is a GPU feature; on CPU it is refused in one line before anything is written."""
+    cfg = write_config(tmp_path, compile=True, device="cpu")
+    proc = run_cli("train", cfg, check=False)
+    assert proc.returncode == 2
+    assert "train.compile" in proc.stderr and "CUDA" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run/checkpoints").exists()

@@ -127,6 +127,14 @@ class Trainer:
             model.enable_gradient_checkpointing()
         if self.precision.amp_dtype is not None:
             model.enable_mixed_precision(self.precision.amp_dtype)
+        if t.compile:
+            if self.device.type != "cuda":
+                raise ConfigError(f"train.compile: true needs a CUDA device (got device '{self.device.type}'); "
+                                  "on CPU, compiling takes minutes and is not supported here")
+            # Per block, so parameter names, checkpoints and the Python chunk loop stay as they are;
+            # the fused elementwise work inside each block is where compiling pays.
+            for blk in model.blocks:
+                blk.compile()
         self.fsdp = self.dist.enabled and t.distributed == "fsdp"
         if self.fsdp:
             from kaggletrain.train.fsdp import apply_fsdp
