@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
 
-Rows: rwkv_cuda (the compiled kernel), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
+Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,old`, selected through
+KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
 present), and causal SDPA attention at the same size (q, k, v [B, H, T, N]) as a yardstick. Columns:
 forward (training mode, i.e. saving what the backward needs) and forward+backward (upstream gradient on y),
 medians of CUDA-event timings after warm-up. Inputs are fresh random tensors with realistic ranges (never
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--impls", default="cuda,chunked,sdpa")
+    p.add_argument("--bwd", default="new,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=8.0, help="time cap per measurement")
@@ -116,24 +118,36 @@ def main(argv=None) -> int:
             from rwkv_cuda import build_info, kernel_available, wkv_cuda
 
             if kernel_available(N):
-                rows.append(("rwkv_cuda", wkv_cuda))
+                for variant in args.bwd.split(","):
+                    rows.append((f"rwkv_cuda bwd={variant}", wkv_cuda, variant))
             else:
                 print(f"rwkv_cuda unavailable: {build_info()}")
         if "chunked" in impls:
             try:
                 from kaggletrain.ops.wkv_chunked import wkv_chunked
 
-                rows.append(("chunked (PyTorch)", wkv_chunked))
+                rows.append(("chunked (PyTorch)", wkv_chunked, None))
             except ImportError as e:
                 print(f"chunked fallback not importable: {e}")
-        for name, fn in rows:
+        saved_env = os.environ.get("KAGGLETRAIN_WKV_BWD")
+        for name, fn, variant in rows:
             slow = name.startswith("chunked")  # the fallback can take ~a second per call: fewer repeats
+            if variant:
+                os.environ["KAGGLETRAIN_WKV_BWD"] = variant
             try:
                 f, fb = bench_wkv(fn, ins, dy, 1 if slow else args.warmup, 5 if slow else args.iters, args.budget_s)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {dname}: out of memory")
                 torch.cuda.empty_cache()
                 continue
+            except RuntimeError as e:  # e.g. a launch failure of one variant: report it, time the others
+                print(f"{name} {dname}: failed: {e}")
+                continue
+            finally:
+                if saved_env is None:
+                    os.environ.pop("KAGGLETRAIN_WKV_BWD", None)
+                else:
+                    os.environ["KAGGLETRAIN_WKV_BWD"] = saved_env
             results.append({"impl": name, "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
             print(f"{name:18s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
         del ins, dy

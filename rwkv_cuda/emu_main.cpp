@@ -42,7 +42,8 @@ int main(int argc, char** argv) {
   std::vector<char> y = poison(n * el), dr = poison(n * el), dw = poison(n * wel), dk = poison(n * el),
                     dv = poison(n * el), da = poison(n * el), db = poison(n * el);
   std::vector<float> sT(ns), ds0(ns), ckpt((size_t)B * H * wkv7::num_ckpt(T) * N * N), sa(n);
-  std::vector<float> scratch((size_t)B * H * wkv7::bwd_scratch_floats(N));
+  const int variant = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);  // KAGGLETRAIN_WKV_BWD=old|new
+  std::vector<float> scratch((size_t)wkv7::bwd_scratch_floats(B, T, H, N, variant));
   for (auto* vec : {&sT, &ds0, &ckpt, &sa, &scratch})
     std::fill(vec->begin(), vec->end(), __uint_as_float(0xFFFFFFFFu));
 
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
   ba.ckpt = ckpt.data(); ba.sa = sa.data(); ba.scratch = scratch.data();
   ba.dr = dr.data(); ba.dw = dw.data(); ba.dk = dk.data(); ba.dv = dv.data(); ba.da = da.data(); ba.db = db.data();
   ba.ds0 = ds0.data();
+  ba.variant = variant;
   if (int e = wkv7::backward(ba, nullptr)) { std::fprintf(stderr, "backward failed: %d\n", e); return 1; }
 
   FILE* out = std::fopen(argv[2], "wb");

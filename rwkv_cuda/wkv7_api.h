@@ -22,6 +22,13 @@ constexpr int kCkptLen = 16;
 
 inline long long num_ckpt(int T) { return (T + kCkptLen - 1) / kCkptLen + 1; }
 
+// Backward implementations. kBwdOld: one block per (batch, head) runs everything (bwd_kernel). kBwdNew: the
+// sequential dS row recursion in one kernel, then the column sums parallel over segments of kBwdSegChunks
+// chunks in a second one. kBwdAuto: the environment variable KAGGLETRAIN_WKV_BWD=old|new, else kBwdDefault.
+enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2 };
+constexpr int kBwdDefault = kBwdNew;
+constexpr int kBwdSegChunks = 4;
+
 struct FwdArgs {
   int B = 0, T = 0, H = 0, N = 0;
   int dtype = kF32;
@@ -43,13 +50,16 @@ struct BwdArgs {
   const float* dsT = nullptr;   // optional gradient of the final state
   const float* ckpt = nullptr;  // from the forward
   const float* sa = nullptr;    // from the forward
-  float* scratch = nullptr;     // [B*H, bwd_scratch_floats(N)] float32, any content
+  float* scratch = nullptr;     // bwd_scratch_floats(B, T, H, N, variant) float32, any content
   void *dr = nullptr, *dw = nullptr, *dk = nullptr, *dv = nullptr, *da = nullptr, *db = nullptr;
   float* ds0 = nullptr;  // optional gradient of the initial state
+  int variant = kBwdAuto;  // BwdVariant; resolved with resolve_bwd_variant
 };
 
-// Floats of backward scratch per (batch, head).
-long long bwd_scratch_floats(int N);
+// Floats of backward scratch (in all) for this shape and variant.
+long long bwd_scratch_floats(int B, int T, int H, int N, int variant);
+// kBwdOld or kBwdNew: `variant` itself unless kBwdAuto, then KAGGLETRAIN_WKV_BWD (old|new), else kBwdDefault.
+int resolve_bwd_variant(int variant);
 // True if a kernel for this head size and dtype was compiled into this build.
 bool supported(int N, int dtype);
 // 0 on success, else a cudaError_t value (cudaErrorInvalidValue for unsupported arguments).

@@ -28,7 +28,21 @@
 //    the saved sa: no sums needed) keeping the state every SUB tokens in a per-thread scratch slice; inside a
 //    SUB-token piece S steps back by division by the decay (at most SUB-1 divisions from an exact state,
 //    d >= 0.545: rounding grows < 1.83^3; 15 divisions, as in the official kernel, cost ~5e-6 relative).
+//
+// Backward "new" (default; KAGGLETRAIN_WKV_BWD=old selects the one above): the same two phases in two
+// kernels, because only phase A is sequential over T. bwd_rows_kernel (one block per head) runs phase A over
+// all chunks with the next chunk's inputs prefetched, writing dsa (float32) and every CPB chunks the dS rows
+// (transposed: a "dS checkpoint"). bwd_cols_kernel has one block per (head, segment of CPB chunks): from the
+// saved state and the dS checkpoint at the segment end it runs the recompute + phase B above, so B*H*T/(16 CPB)
+// blocks share the SMs (12 warps per SM at <= 168 registers instead of 8) and phase B no longer waits on
+// the latency-bound phase A. Sub-chunk states (SUB = 8 there: 8 instead of 12 recompute steps per chunk, at
+// most 7 backsteps: <= 1.7e-6 relative even with every decay at its minimum, 3e-7 typical) sit in a
+// per-thread local array and are loaded just before the exact step, so they are not live in the hot loop.
 #pragma once
+
+#ifndef WKV7_COLS_MINB
+#define WKV7_COLS_MINB 3  // bwd_cols_kernel blocks per SM the registers must allow (3: <= 168 registers)
+#endif
 
 namespace wkv7 {
 namespace detail {
@@ -611,6 +625,285 @@ bwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
       for (int m = 0; m < G; ++m)
         IO<float>::store4(ds0 + bh * NN + (long long)(2 * p + cc) * N + slice4<TPR>(q, m),
                           make_float4(dSr[cc][4 * m], dSr[cc][4 * m + 1], dSr[cc][4 * m + 2], dSr[cc][4 * m + 3]));
+  }
+}
+
+
+// ---------------------------------------------------------------- backward, two kernels ("new")
+// The old bwd_kernel runs phase A, the recompute and phase B one after another in B*H blocks: on a 132-SM
+// GPU that is ~8 warps per SM, and the whole backward runs at the issue rate of a latency-bound loop.
+// Only phase A (the dS row recursion) is truly sequential over T; given dS at a chunk end (and the dsa of
+// its tokens), the recompute + phase B of that chunk need nothing from other chunks. So:
+//  bwd_rows_kernel (B*H blocks): phase A over all chunks (inputs prefetched one chunk ahead, 6 arrays staged
+//    instead of 11), writing dv, dsa (float32, global) and dS every CPB chunks (transposed, "dS checkpoints");
+//  bwd_cols_kernel (B*H*ceil(nC/CPB) blocks, i.e. parallel over T): per segment of CPB chunks, from the
+//    saved state at the segment end and the dS checkpoint, the recompute + phase B of the old kernel,
+//    unchanged in arithmetic (col_step). The sub-chunk states live in a per-thread local array.
+// Same operations in the same order per element as the old kernel (dS rows/columns bitwise equal).
+
+// Phase A over the whole sequence. Scratch: dsa [B,T,H,N] float32; dsck [B*H, nSeg, N, N] transposed, entry g
+// = the gradient of the state at the end of segment g (the state after token min(T, (g+1)*CPB*CH) - 1).
+template <typename T, int N, int TPR, int CPB>
+__global__ void __launch_bounds__((N / 2) * TPR)
+bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
+                const T* __restrict__ k, const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
+                const float* __restrict__ dsT, float* __restrict__ dsa_out, T* __restrict__ dv,
+                float* __restrict__ dsck, float* __restrict__ ds0) {
+  constexpr int CH = kChunk;
+  constexpr int C = 2;
+  constexpr int NT = (N / C) * TPR;
+  constexpr int K = N / TPR;
+  constexpr int G = K / 4;
+  constexpr int NG = N / 4;
+  constexpr int PF = CH * NG / NT;
+  constexpr int PW = Lanes<TPR>::PW;
+  static_assert(N % (4 * TPR) == 0 && NT % 32 == 0 && (CH * NG) % NT == 0, "bad tiling");
+  using Raw = typename IO<T>::raw4;
+
+  __shared__ __align__(16) float s_r[CH * N];
+  __shared__ __align__(16) float s_d[CH * N];
+  __shared__ __align__(16) float s_k[CH * N];
+  __shared__ __align__(16) float s_a[CH * N];
+  __shared__ __align__(16) float s_b[CH * N];
+  __shared__ __align__(16) float s_dy[CH * N];
+
+  const int tid = threadIdx.x;
+  const Lanes<TPR> ln(tid);
+  const int q = ln.q, p = ln.p;
+  const long long bh = blockIdx.x;
+  const int h = (int)(bh % H);
+  const long long bidx = bh / H;
+  const long long NN = (long long)N * N;
+  const int nC = (T_len + CH - 1) / CH;
+  const int nSeg = (nC + CPB - 1) / CPB;
+  float* ckd = dsck + bh * nSeg * NN;
+
+  float dSr[C][K];  // dS rows 2p+cc, keys of slice q
+  if (dsT) {
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+      for (int m = 0; m < G; ++m) {
+        const float4 x = IO<float>::load4(dsT + bh * NN + (long long)(2 * p + cc) * N + slice4<TPR>(q, m));
+        dSr[cc][4 * m] = x.x; dSr[cc][4 * m + 1] = x.y; dSr[cc][4 * m + 2] = x.z; dSr[cc][4 * m + 3] = x.w;
+      }
+  } else {
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+      for (int x = 0; x < K; ++x) dSr[cc][x] = 0.f;
+  }
+
+  Raw pr[PF], pk[PF], pa[PF], pb[PF], pg[PF];
+  uint4 pw[PF];
+  auto fetch = [&](int c) {
+    const int t0 = c * CH, L = min(CH, T_len - t0);
+#pragma unroll
+    for (int u = 0; u < PF; ++u) {
+      const int idx = tid + u * NT, tt = idx / NG, g = idx % NG;
+      const long long off = ((bidx * T_len + t0 + min(tt, L - 1)) * H + h) * N + 4 * g;  // rows past T: reread
+      pr[u] = IO<T>::load_raw4(r + off);
+      pk[u] = IO<T>::load_raw4(k + off);
+      pa[u] = IO<T>::load_raw4(a + off);
+      pb[u] = IO<T>::load_raw4(b + off);
+      pg[u] = IO<T>::load_raw4(dy + off);
+      pw[u] = load_w_raw4<T>(w, w_f32, off);
+    }
+  };
+  if (nC > 0) fetch(nC - 1);
+
+  for (int c = nC - 1; c >= 0; --c) {
+    const int t0 = c * CH;
+    const int L = min(CH, T_len - t0);
+    if (c == nC - 1 || (c + 1) % CPB == 0) store_rows_T<N, TPR, 2, K>(ckd + (c / CPB) * NN, dSr, p, q);
+    __syncthreads();  // the previous chunk's steps are done with shared memory
+#pragma unroll
+    for (int u = 0; u < PF; ++u) {
+      const int idx = tid + u * NT;
+      sts4(s_r + 4 * idx, IO<T>::cvt4(pr[u]));
+      sts4(s_k + 4 * idx, IO<T>::cvt4(pk[u]));
+      sts4(s_a + 4 * idx, IO<T>::cvt4(pa[u]));
+      sts4(s_b + 4 * idx, IO<T>::cvt4(pb[u]));
+      sts4(s_dy + 4 * idx, IO<T>::cvt4(pg[u]));
+      sts4(s_d + 4 * idx, decay4(cvt_w4<T>(pw[u], w_f32)));
+    }
+    __syncthreads();
+    if (c > 0) fetch(c - 1);  // lands while this chunk computes
+
+    for (int tt = L - 1; tt >= 0; --tt) {
+      const int tn = tt * N;
+      const float2 dy2 = lds2(s_dy + tn + 2 * p);
+      float ra[C][2], rv[C][2];
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc) ra[cc][0] = ra[cc][1] = rv[cc][0] = rv[cc][1] = 0.f;
+#pragma unroll
+      for (int m = 0; m < G; ++m) {
+        const int j = slice4<TPR>(q, m);
+        const float4 r4 = lds4(s_r + tn + j), b4 = lds4(s_b + tn + j), k4 = lds4(s_k + tn + j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int cc = 0; cc < C; ++cc) {
+            float& x = dSr[cc][4 * m + e];
+            x = fmaf(comp2(dy2, cc), comp(r4, e), x);  // dS' = dS + dy r^T
+            ra[cc][e & 1] = fmaf(x, comp(b4, e), ra[cc][e & 1]);
+            rv[cc][e & 1] = fmaf(x, comp(k4, e), rv[cc][e & 1]);
+          }
+      }
+      float dsa[C], dvv[C];
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc) {
+        dsa[cc] = group_sum<TPR, PW>(ra[cc][0] + ra[cc][1]);
+        dvv[cc] = group_sum<TPR, PW>(rv[cc][0] + rv[cc][1]);
+      }
+      const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + 2 * p;
+      if (q == 0) IO<float>::store2(dsa_out + off, dsa[0], dsa[1]);
+      if (q == 1) IO<T>::store2(dv + off, dvv[0], dvv[1]);
+#pragma unroll
+      for (int m = 0; m < G; ++m) {
+        const int j = slice4<TPR>(q, m);
+        const float4 a4 = lds4(s_a + tn + j), d4 = lds4(s_d + tn + j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int cc = 0; cc < C; ++cc) dSr[cc][4 * m + e] = fmaf(dsa[cc], comp(a4, e), dSr[cc][4 * m + e] * comp(d4, e));
+      }
+    }
+  }
+  if (ds0) {
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+      for (int m = 0; m < G; ++m)
+        IO<float>::store4(ds0 + bh * NN + (long long)(2 * p + cc) * N + slice4<TPR>(q, m),
+                          make_float4(dSr[cc][4 * m], dSr[cc][4 * m + 1], dSr[cc][4 * m + 2], dSr[cc][4 * m + 3]));
+  }
+}
+
+// Recompute + phase B for one segment of CPB chunks (block = (b*H + h) * nSeg + segment), chunks in reverse.
+template <typename T, int N, int TPR, int SUB, int CPB>
+__global__ void __launch_bounds__((N / 2) * TPR, WKV7_COLS_MINB)
+bwd_cols_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
+                const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b,
+                const T* __restrict__ dy, const float* __restrict__ ckpt, const float* __restrict__ sa,
+                const float* __restrict__ dsa, const float* __restrict__ dsck, T* __restrict__ dr,
+                void* __restrict__ dw, T* __restrict__ dk, T* __restrict__ da, T* __restrict__ db) {
+  constexpr int CH = kChunk;
+  constexpr int C = 2;
+  constexpr int NT = (N / C) * TPR;
+  constexpr int K = N / TPR;
+  constexpr int G = K / 4;
+  constexpr int NG = N / 4;
+  constexpr int NSUB = CH / SUB;
+  constexpr int PF = CH * NG / NT;
+  static_assert(N % (4 * TPR) == 0 && NT % 32 == 0 && CH % SUB == 0 && (CH * NG) % NT == 0, "bad tiling");
+
+  __shared__ __align__(16) float s_r[CH * N];
+  __shared__ __align__(16) float s_d[CH * N];
+  __shared__ __align__(16) float s_id[CH * N];
+  __shared__ __align__(16) float s_f[CH * N];
+  __shared__ __align__(16) float s_k[CH * N];
+  __shared__ __align__(16) float s_a[CH * N];
+  __shared__ __align__(16) float s_b[CH * N];
+  __shared__ __align__(16) float s_v[CH * N];
+  __shared__ __align__(16) float s_dy[CH * N];
+  __shared__ __align__(16) float s_sa[CH * N];
+  __shared__ __align__(16) float s_dsa[CH * N];
+
+  const int tid = threadIdx.x;
+  const Lanes<TPR> ln(tid);
+  const int q = ln.q, p = ln.p;
+  const long long NN = (long long)N * N;
+  const int nC = (T_len + CH - 1) / CH;
+  const int nSeg = (nC + CPB - 1) / CPB;
+  const long long bh = blockIdx.x / nSeg;
+  const int seg = (int)(blockIdx.x % nSeg);
+  const int h = (int)(bh % H);
+  const long long bidx = bh / H;
+  const float* ck = ckpt + bh * (nC + 1) * NN;  // transposed [key][value]
+  const int c_hi = min(nC, (seg + 1) * CPB) - 1;
+
+  float dSc[C][K];  // dS columns 2p+cc, rows of slice q
+  float Sc[C][K];   // S_t columns 2p+cc (S_{t-1} after the backstep), rows of slice q
+  float Sst[C][K];  // exact state before the current SUB-token piece (recompute: the running state)
+  float snap[NSUB][C][K];  // exact states at the sub-chunk starts (local memory)
+  load_cols_T<N, TPR, K>(Sc, ck + (c_hi + 1) * NN, p, q);
+  load_cols_T<N, TPR, K>(dSc, dsck + (bh * nSeg + seg) * NN, p, q);
+
+  for (int c = c_hi; c >= seg * CPB; --c) {
+    const int t0 = c * CH;
+    const int L = min(CH, T_len - t0);
+    const int nsub = (L + SUB - 1) / SUB;
+    load_cols_T<N, TPR, K>(Sst, ck + c * NN, p, q);  // recompute start
+    __syncthreads();  // everyone is done with the previous chunk's shared memory
+#pragma unroll
+    for (int u = 0; u < PF; ++u) {
+      const int idx = tid + u * NT, tt = idx / NG, g = idx % NG;
+      const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+      float4 rr = z, kk = z, aa = z, bb = z, vv = z, gy = z, ss = z, gs = z, dd = make_float4(1.f, 1.f, 1.f, 1.f), ff = z;
+      if (tt < L) {
+        const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + 4 * g;
+        rr = IO<T>::load4(r + off);
+        kk = IO<T>::load4(k + off);
+        aa = IO<T>::load4(a + off);
+        bb = IO<T>::load4(b + off);
+        vv = IO<T>::load4(v + off);
+        gy = IO<T>::load4(dy + off);
+        ss = IO<float>::load4(sa + off);
+        gs = IO<float>::load4(dsa + off);
+        const float4 ww = cvt_w4<T>(load_w_raw4<T>(w, w_f32, off), w_f32);
+        decay_of(ww.x, dd.x, ff.x); decay_of(ww.y, dd.y, ff.y); decay_of(ww.z, dd.z, ff.z); decay_of(ww.w, dd.w, ff.w);
+      }
+      sts4(s_id + 4 * idx, make_float4(1.f / dd.x, 1.f / dd.y, 1.f / dd.z, 1.f / dd.w));
+      sts4(s_r + 4 * idx, rr); sts4(s_k + 4 * idx, kk); sts4(s_a + 4 * idx, aa); sts4(s_b + 4 * idx, bb);
+      sts4(s_v + 4 * idx, vv); sts4(s_dy + 4 * idx, gy); sts4(s_sa + 4 * idx, ss); sts4(s_d + 4 * idx, dd);
+      sts4(s_f + 4 * idx, ff); sts4(s_dsa + 4 * idx, gs);
+    }
+    __syncthreads();
+
+    // ---- recompute the states at the starts of sub-chunks 1 .. nsub-1 (column form, saved sa).
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+      for (int x = 0; x < K; ++x) snap[0][cc][x] = Sst[cc][x];
+    for (int s = 1; s < nsub; ++s) {
+      for (int tt = (s - 1) * SUB; tt < s * SUB; ++tt) {
+        const int tn = tt * N;
+        const float2 d2 = lds2(s_d + tn + 2 * p), b2 = lds2(s_b + tn + 2 * p), k2 = lds2(s_k + tn + 2 * p);
+#pragma unroll
+        for (int m = 0; m < G; ++m) {
+          const int i4 = slice4<TPR>(q, m);
+          const float4 sa4 = lds4(s_sa + tn + i4), v4 = lds4(s_v + tn + i4);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+#pragma unroll
+            for (int cc = 0; cc < C; ++cc)
+              Sst[cc][4 * m + e] = state_step(Sst[cc][4 * m + e], comp2(d2, cc), comp(sa4, e), comp2(b2, cc),
+                                              comp(v4, e), comp2(k2, cc));
+        }
+      }
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+        for (int x = 0; x < K; ++x) snap[s][cc][x] = Sst[cc][x];
+    }
+
+    // ---- phase B: S and dS columns, tokens in reverse, no barrier.
+    const ColIn in{s_r, s_d, s_id, s_f, s_k, s_a, s_b, s_v, s_dy, s_sa, s_dsa};
+    const ColOut<T> out{dr, dw, w_f32, dk, da, db};
+    for (int s = nsub - 1; s >= 0; --s) {
+      const int st0 = s * SUB;
+      const int sL = min(SUB, L - st0);
+      const long long row0 = (bidx * T_len + t0) * H + h;  // token t0's row of [B*T, H]
+      for (int tt = st0 + sL - 1; tt > st0; --tt)
+        col_step<false, T, N, TPR, K>(tt, (row0 + (long long)tt * H) * N + 2 * p, in, out, Sc, dSc, Sst, p, q);
+      // The exact state before the piece is loaded only now, so it is not live through the backsteps.
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc)
+#pragma unroll
+        for (int x = 0; x < K; ++x) Sst[cc][x] = snap[s][cc][x];
+      col_step<true, T, N, TPR, K>(st0, (row0 + (long long)st0 * H) * N + 2 * p, in, out, Sc, dSc, Sst, p, q);
+    }
   }
 }
 

@@ -111,7 +111,8 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
   at::Tensor dr = at::empty_like(r), dw = at::empty_like(w), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor da = at::empty_like(a), db = at::empty_like(b);
   at::Tensor ds0 = need_ds0 ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
-  at::Tensor scratch = at::empty({(int64_t)B * H * wkv7::bwd_scratch_floats(N)}, f32);
+  const int variant = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);  // KAGGLETRAIN_WKV_BWD, read per call
+  at::Tensor scratch = at::empty({(int64_t)wkv7::bwd_scratch_floats(B, T, H, N, variant)}, f32);
 
   wkv7::BwdArgs p;
   p.B = B; p.T = T; p.H = H; p.N = N;
@@ -124,6 +125,7 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
   p.dr = dr.data_ptr(); p.dw = dw.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr(); p.da = da.data_ptr();
   p.db = db.data_ptr();
   p.ds0 = need_ds0 ? ds0.data_ptr<float>() : nullptr;
+  p.variant = variant;
   check_launch(wkv7::backward(p, c10::cuda::getCurrentCUDAStream().stream()), "backward");
   return {dr, dw, dk, dv, da, db, ds0};
 }
@@ -141,4 +143,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return code >= 0 && wkv7::supported(N, code);
   });
   m.attr("ckpt_len") = wkv7::kCkptLen;
+  m.def("bwd_variant", []() { return std::string(wkv7::resolve_bwd_variant(wkv7::kBwdAuto) == wkv7::kBwdOld ? "old" : "new"); },
+        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new, else the default");
 }

@@ -37,25 +37,30 @@ BUILD_LOG=$(sed -n 's/.*dir=\([^ ]*\).*/\1/p' "$OUT/build.txt" | tail -1)
 
 echo "== tests"
 rm -f "$OUT/errors.jsonl"
-KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout 300 "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py \
+KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout 200 "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py \
   -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.txt"
 TEST_RC=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 200 "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 120 "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench.txt"
 BENCH_RC=${PIPESTATUS[0]}
 
 echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096) and a GPU dry run"
-timeout 200 "$PY" benchmarks/bench_train_gpu.py --profile 12 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
+timeout 150 "$PY" benchmarks/bench_train_gpu.py --profile 12 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
 TRAIN_RC=${PIPESTATUS[0]}
 timeout 120 "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
   --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"
 DRY_RC=$?
-timeout 120 "$PY" -m kaggletrain train configs/rwkv7_0.1b_h100.yaml data.source=builtin train.max_steps=20 \
-  --dry-run --steps 4 --json > "$OUT/dry_run_gpu_0.1b.json" 2> "$OUT/dry_run_gpu_0.1b.err"
+H100CFG="configs/rwkv7_0.1b_h100.yaml data.source=builtin data.tokenizer=byte"  # byte ids < vocab 65536
+timeout 120 "$PY" -m kaggletrain train $H100CFG --dry-run --steps 4 --json > "$OUT/dry_run_gpu_0.1b.json" \
+  2> "$OUT/dry_run_gpu_0.1b.err"
 DRY2_RC=$?
+# Out of memory on purpose (2M tokens per micro-batch): the dry run must answer with a batch that fits.
+timeout 120 "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 train.micro_batch_size=512 \
+  --dry-run --steps 3 --json > "$OUT/dry_run_gpu_oom.json" 2> "$OUT/dry_run_gpu_oom.err"
+DRY3_RC=$?
 echo "== end-to-end with train.compile (per-block torch.compile; informational, last)"
-timeout 180 "$PY" benchmarks/bench_train_gpu.py --compile --json "$OUT/bench_train_gpu_compiled.json" 2>&1 \
+timeout 150 "$PY" benchmarks/bench_train_gpu.py --compile --json "$OUT/bench_train_gpu_compiled.json" 2>&1 \
   | tee "$OUT/train_compiled.txt"
 
 echo
@@ -84,6 +89,7 @@ EOF
 echo "bench rc=$BENCH_RC"
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
+"$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('fitting_settings') or r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
 for f in dry_run_gpu dry_run_gpu_0.1b; do
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"
 done

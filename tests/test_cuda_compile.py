@@ -50,9 +50,10 @@ def test_nvcc_compiles(nvcc_builds, arch):
     rc, log, obj = nvcc_builds[arch]
     assert rc == 0, f"nvcc -arch={arch} failed:\n{log}"
     assert obj.stat().st_size > 0
-    # ptxas reports one forward and one backward kernel per dtype: 2 dtypes on sm_75, 3 on sm_90.
+    # ptxas reports per dtype one forward and three backward kernels (the old one-kernel backward, and the
+    # new one's row and column kernels): 2 dtypes on sm_75, 3 on sm_90.
     n_kernels = log.count("Compiling entry function")
-    assert n_kernels == (4 if arch == "sm_75" else 6), log
+    assert n_kernels == (8 if arch == "sm_75" else 12), log
 
 
 def test_bf16_only_for_sm80_plus(nvcc_builds):
@@ -122,11 +123,17 @@ CASES = [  # B, T, H, dtype, w_f32, with initial state, with final-state grad
     (1, 3, 1, torch.float32, False, True, False),
     (1, 21, 1, torch.float16, True, True, True),
     (1, 18, 1, torch.bfloat16, False, True, True),
+    (1, 150, 1, torch.float32, False, True, True),  # several segments of the new backward (64 tokens), last partial
+    (1, 128, 1, torch.float32, False, False, True),  # exactly two segments
+    (2, 70, 1, torch.float16, False, True, False),
 ]
+# The backward implementations (KAGGLETRAIN_WKV_BWD): "old" one kernel, "new" rows + parallel columns kernels.
+VARIANTS = ["old", "new"]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("B,T,H,dtype,w_f32,has_s0,has_dsT", CASES)
-def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f32, has_s0, has_dsT):
+def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f32, has_s0, has_dsT, variant):
     N = 64
     gen = torch.Generator().manual_seed(1000 * T + 10 * B + H)
     r, w, k, v, a, b = _inputs(B, T, H, N, gen)
@@ -141,8 +148,9 @@ def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f
     blob = header + b"".join(_raw(t) for t in ins) + (_raw(s0) if has_s0 else b"") + _raw(dy)
     blob += _raw(dsT) if has_dsT else b""
     (tmp_path / "in.bin").write_bytes(blob)
+    env = {**os.environ, "KAGGLETRAIN_WKV_BWD": variant}
     p = subprocess.run([str(emu_exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
     out = (tmp_path / "out.bin").read_bytes()
     shape, sshape = (B, T, H, N), (B, H, N, N)
