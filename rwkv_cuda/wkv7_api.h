@@ -26,7 +26,7 @@ inline long long num_ckpt(int T) { return (T + kCkptLen - 1) / kCkptLen + 1; }
 // sequential dS row recursion in one kernel, then the column sums parallel over segments of kBwdSegChunks
 // chunks in a second one. kBwdAuto: the environment variable KAGGLETRAIN_WKV_BWD=old|new, else kBwdDefault.
 enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2 };
-constexpr int kBwdDefault = kBwdNew;
+constexpr int kBwdDefault = kBwdOld;  // kBwdNew becomes the default once a GPU run has verified and timed it
 constexpr int kBwdSegChunks = 4;
 
 struct FwdArgs {
