@@ -25,12 +25,14 @@ chunk is an affine map of its start state whose parts are all computed for every
     Y   = Yr S0^T + Y0,   Yr = R~ + M_rb P,   Y0 = (M_rb TM + M_rk) V
     S_L = S0 diag(gamma_L) + V^T Keff + X B_,   X = S0 P^T,   Keff = K_ + TM^T B_
 Only the last line runs chunk after chunk (three small batched matmuls per chunk, on [B*H] matrices that
-stay in cache); Y is one batched product after it. The backward runs the transposed recurrence in reverse
-and does there every product that needs a chunk's start state or its end-state gradient (the grads of X,
-P, Yr, Keff, B_, V and gamma_L), so no [chunks, N, N] gradient tensor is ever materialised; the rest of the
-backward is batched over all chunks. On CPU the state products (~12 N^2 multiply-adds per token and head,
-forward + backward) run near the BLAS rate; the intra-chunk part is mostly elementwise passes and
-[L, L] x [L, N] products, whose cost is set by memory traffic and per-matrix overhead.
+stay in cache); Y_c = Yr_c S_c^T + Y0_c is done in the same loop while S_c is hot. The backward runs the
+transposed recurrence in reverse and does there every product that needs a chunk's start state or its
+end-state gradient (the grads of X, P, Yr, Keff, B_, V and gamma_L), so no [chunks, N, N] gradient tensor
+is ever materialised; the rest of the backward is batched over all chunks. Layout changes to and from
+[chunks, B*H, L, N] and the decay's own derivative happen inside the one autograd node. On CPU the state
+products (~12 N^2 multiply-adds per token and head, forward + backward) run near the BLAS rate; the
+intra-chunk part is mostly elementwise passes and [L, L] x [L, N] products, whose cost is set by memory
+traffic and per-matrix overhead.
 
 Exponent safety: log d >= -e^-0.5 = -0.6066 per token. gamma_t, gamma_L / gamma_s and gamma_{t-1} / gamma_s
 (s < t) are all <= 1, but the pairwise matrices need gamma_{t-1} and 1 / gamma_s as separate factors of a
@@ -73,28 +75,43 @@ def max_chunk_len(dtype: torch.dtype) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Layout
+# Layout. Inside the op every per-token tensor lives as [C, BH, slot, L, N] (chunks, batch*heads, slot,
+# tokens of the chunk, channels), so one chunk of one head is a contiguous [L, N] block and neighbouring
+# slots form contiguous [2L, N] blocks that one matmul can use at once.
+
+# Slots of the input buffer x.
+_A, _R, _B, _K, _V, _LD = range(6)
 
 
-def _to_chunks(t: torch.Tensor, C: int, L: int) -> torch.Tensor:
-    """[B, T, H, N] -> [C, B, H, L, N] view (zero-padding T up to C * L first: an identity step for every
-    input, including log-decay 0)."""
-    B, T, H, N = t.shape
+def _fill_chunks(dst: torch.Tensor, t: torch.Tensor) -> None:
+    """Copy t [B, T, H, N] (any float dtype) into dst [C, B, H, L, N], zero-padding T up to C * L: a zero
+    token is an identity step for every input, including log-decay 0."""
+    C, B, H, L, N = dst.shape
+    T = t.shape[1]
     if C * L != T:
         t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, C * L - T))
-    return t.reshape(B, C, L, H, N).permute(1, 0, 3, 2, 4)
+    dst.copy_(t.view(B, C, L, H, N).permute(1, 0, 3, 2, 4))
+
+
+def _from_chunks(src: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """src [C, B, H, L, N] -> new contiguous [B, T, H, N] tensor of `dtype`."""
+    C, B, H, L, N = src.shape
+    out = torch.empty(B, C * L, H, N, dtype=dtype, device=src.device)
+    out.view(B, C, L, H, N).copy_(src.permute(1, 0, 3, 2, 4))
+    return out if C * L == T else out[:, :T].contiguous()
 
 
 _MASKS: dict = {}
 
 
 def _mask(L: int, device: torch.device) -> torch.Tensor:
-    """Boolean [2L, 2L] keep-mask of [[M_ab, M_ak], [M_rb, M_rk]]: strict lower on top, inclusive below."""
+    """Boolean [2L, 2L] drop-mask of [[M_ab, M_ak], [M_rb, M_rk]] (True where the entry is zeroed): the top
+    row of blocks keeps the strict lower triangle, the bottom row the inclusive one."""
     key = (L, str(device))
     if key not in _MASKS:
         i = torch.arange(L, device=device)
         strict, incl = i[:, None] > i[None, :], i[:, None] >= i[None, :]
-        _MASKS[key] = torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)], dim=0)
+        _MASKS[key] = ~torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)], dim=0)
     return _MASKS[key]
 
 
@@ -109,32 +126,36 @@ def _mt(x: torch.Tensor) -> torch.Tensor:
 def _intra_forward(x: torch.Tensor) -> dict:
     """Everything that does not depend on the chunk start states, for all chunks at once.
 
-    x: [C, BH, 6, L, N] holding (a, r, b, k, v, log d). With E = exp(G_prev - m, G - m) [.., 2, L, N],
-    ek = exp(m - G), left = (a, r) * E and right = (b, k) * ek ([.., 2L, N] each), M = left right^T masked,
-    the chunk's maps (module docstring) come out as
-      P' = Tinv A', TM = Tinv M_ak, Yr' = M_rb P' + R', Wy = M_rb TM + M_rk   (A', R' = the two halves of left)
+    x: [C, BH, 6, L, N] (slots _A.._LD). With E = exp(G_prev - m, G - m) [.., 2, L, N], ek = exp(m - G),
+    left = (a, r) * E and right = (b, k) * ek ([.., 2L, N] each), M = left right^T masked, the chunk's maps
+    (module docstring) come out as
+      P' = Tinv A', TM = Tinv M_ak, Yr' = M_rb P' + R', Wy = M_rb TM + M_rk  (A', R' = the halves of left)
       P = P' em, Yr = Yr' em (em = exp(m)); Y0 = Wy v
       Keff = (TM^T B' + K') e_end, Bb = B' e_end   (B', K' = the halves of right; e_end = exp(G_L - m))
     Returns a dict with those and the pieces the backward needs.
     """
     C, BH, _, L, N = x.shape
-    xar, xbk, v, ld = x[:, :, 0:2], x[:, :, 2:4], x[:, :, 4], x[:, :, 5]
-    G = torch.cumsum(ld, dim=-2)
+    xar, xbk, v, ld = x[:, :, _A : _R + 1], x[:, :, _B : _K + 1], x[:, :, _V], x[:, :, _LD]
+    G = _cumsum_tokens(ld.clone())
     mid = (L - 1) // 2
-    m = G[..., mid : mid + 1, :]  # reference point; it cancels in every product it enters
+    m = G[..., mid : mid + 1, :].clone()  # reference point; it cancels in every product it enters
     GL = G[..., L - 1 :, :]
+    e_end = torch.exp(GL - m)
+    gL = torch.exp(GL)
+    em = torch.exp(m)
 
+    # E0 = exp(G - ld - m), E1 = exp(G - m), ek = exp(m - G) = 1 / E1
     E = torch.empty_like(xar)
+    G.sub_(m)
     torch.sub(G, ld, out=E[:, :, 0])
-    E[:, :, 0].sub_(m)
-    torch.sub(G, m, out=E[:, :, 1])
-    E.exp_()
-    ek = torch.reciprocal(E[:, :, 1])  # exp(m - G)
+    E[:, :, 0].exp_()
+    torch.exp(G, out=E[:, :, 1])
+    ek = G.neg_().exp_()
     left = (xar * E).view(C, BH, 2 * L, N)
     right = (xbk * ek.unsqueeze(2)).view(C, BH, 2 * L, N)
 
     M = torch.matmul(left, _mt(right))
-    M.masked_fill_(~_mask(L, x.device), 0.0)
+    M.masked_fill_(_mask(L, x.device), 0.0)
     M_ab, M_ak, M_rb, M_rk = M[..., :L, :L], M[..., :L, L:], M[..., L:, :L], M[..., L:, L:]
     eye = torch.eye(L, dtype=x.dtype, device=x.device).expand(C, BH, L, L)
     # unitriangular=True never reads the diagonal, so -M_ab stands for I - M_ab.
@@ -142,27 +163,25 @@ def _intra_forward(x: torch.Tensor) -> dict:
 
     Pp = torch.matmul(Tinv, left[..., :L, :])
     TM = torch.matmul(Tinv, M_ak)
-    Yrp = torch.matmul(M_rb, Pp).add_(left[..., L:, :])
     Wy = torch.matmul(M_rb, TM).add_(M_rk)
-    em = torch.exp(m)
+    Yr = torch.matmul(M_rb, Pp).add_(left[..., L:, :]).mul_(em)
     P = Pp * em
-    Yr = Yrp.mul_(em)  # Yr' itself is not needed again
     Y0 = torch.matmul(Wy, v)
 
-    e_end = torch.exp(GL - m)
     Bp, Kp = right[..., :L, :], right[..., L:, :]
     Keff = torch.matmul(_mt(TM), Bp).add_(Kp).mul_(e_end)
     Bb = Bp * e_end
-    gL = torch.exp(GL)
     return dict(left=left, right=right, M=M, Tinv=Tinv, TM=TM, Wy=Wy, Pp=Pp, P=P, Yr=Yr, Y0=Y0,
                 Keff=Keff, Bb=Bb, gL=gL, E=E, ek=ek, em=em, e_end=e_end)
 
 
-def _scan_forward(S0: torch.Tensor, v, P, Keff, Bb, gL):
-    """Chunk start states. S0 [BH, N, N]; v, P, Keff, Bb [C, BH, L, N]; gL [C, BH, 1, N].
+def _scan_forward(S0: torch.Tensor, v, P, Keff, Bb, gL, Yr, Y0):
+    """Chunk start states and the output. S0 [BH, N, N]; v, P, Keff, Bb, Yr, Y0 [C, BH, L, N];
+    gL [C, BH, 1, N].
 
-    S_{c+1} = S_c * gL_c + v_c^T Keff_c + X_c Bb_c, X_c = S_c P_c^T (kept transposed: XT_c = P_c S_c^T).
-    Returns (states [C+1, BH, N, N], XT [C, BH, L, N]). Everything per chunk stays in cache.
+    S_{c+1} = S_c * gL_c + v_c^T Keff_c + X_c Bb_c, X_c = S_c P_c^T (kept transposed: XT_c = P_c S_c^T);
+    Y_c = Yr_c S_c^T + Y0_c, computed in place in Y0 while S_c is in cache.
+    Returns (states [C+1, BH, N, N], XT [C, BH, L, N], Y [C, BH, L, N] (= Y0)).
     """
     C = P.shape[0]
     states = S0.new_empty((C + 1,) + S0.shape)
@@ -171,9 +190,10 @@ def _scan_forward(S0: torch.Tensor, v, P, Keff, Bb, gL):
     for c in range(C):
         S, Sn = states[c], states[c + 1]
         torch.bmm(P[c], _mt(S), out=XT[c])
+        Y0[c].baddbmm_(Yr[c], _mt(S))
         torch.mul(S, gL[c], out=Sn)
         Sn.baddbmm_(_mt(v[c]), Keff[c]).baddbmm_(_mt(XT[c]), Bb[c])
-    return states, XT
+    return states, XT, Y0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -205,16 +225,26 @@ def _scan_backward(dS_final, dY, states, v, f, XT):
     return dS, dP, dYr, dKeff, dBb, dv, dgL
 
 
-def _revcumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum_{s >= t} x_s along `dim`."""
-    return x - torch.cumsum(x, dim=dim) + x.sum(dim=dim, keepdim=True)
+def _cumsum_tokens(x: torch.Tensor) -> torch.Tensor:
+    """In-place cumulative sum over the token dim (-2) of x [..., L, N]: L - 1 adds of [..., N] slices,
+    cheaper on CPU than torch.cumsum over a short strided dim. Returns x."""
+    for t in range(1, x.shape[-2]):
+        x[..., t, :] += x[..., t - 1, :]
+    return x
+
+
+def _revcumsum_tokens(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum_{s >= t} x_s over the token dim (-2) of x [..., L, N]. Returns x."""
+    for t in range(x.shape[-2] - 2, -1, -1):
+        x[..., t, :] += x[..., t + 1, :]
+    return x
 
 
 def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
     """Gradient w.r.t. x [C, BH, 6, L, N] from the gradients of the per-chunk maps. The reference point m
     is held constant: every quantity is independent of it, so its total derivative is zero."""
     C, BH, _, L, N = x.shape
-    v = x[:, :, 4]
+    v = x[:, :, _V]
     M, Tinv, TM, Wy, Pp = f["M"], f["Tinv"], f["TM"], f["Wy"], f["Pp"]
     left, right, em, e_end = f["left"], f["right"], f["em"], f["e_end"]
     M_rb = M[..., L:, :L]
@@ -243,7 +273,7 @@ def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
     dMak = torch.matmul(_mt(Tinv), dTM)
     dM[..., :L, L:] = dMak
     dM[..., :L, :L] = torch.matmul(dA, _mt(Pp)).add_(torch.matmul(dMak, _mt(TM)))
-    dM.masked_fill_(~_mask(L, x.device), 0.0)
+    dM.masked_fill_(_mask(L, x.device), 0.0)
 
     dleft = torch.matmul(dM, right)
     dleft[..., :L, :].add_(dA)
@@ -254,14 +284,14 @@ def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
     # Exponential factors -> log-decay. left = (a, r) * exp(G_prev - m, G - m), right = (b, k) * exp(m - G),
     # e_end = exp(G_L - m), gL = exp(G_L); then G = cumsum(ld), G_prev = G - ld.
     dx = torch.empty_like(x)
-    torch.mul(dleft2, f["E"], out=dx[:, :, 0:2])
-    torch.mul(dright2, f["ek"].unsqueeze(2), out=dx[:, :, 2:4])
-    dx[:, :, 4] = dv
+    torch.mul(dleft2, f["E"], out=dx[:, :, _A : _R + 1])
+    torch.mul(dright2, f["ek"].unsqueeze(2), out=dx[:, :, _B : _K + 1])
+    dx[:, :, _V] = dv
     dGs = dleft2.mul_(left.view(C, BH, 2, L, N))  # (dG_prev, dG) through `left`
     dG_prev = dGs[:, :, 0]
     dG = dGs[:, :, 1].add_(dG_prev).sub_(dright2.mul_(right.view(C, BH, 2, L, N)).sum(2))
     dG[..., L - 1 :, :] += dGL
-    torch.sub(_revcumsum(dG, dim=-2), dG_prev, out=dx[:, :, 5])
+    torch.sub(_revcumsum_tokens(dG), dG_prev, out=dx[:, :, _LD])
     return dx
 
 
@@ -270,33 +300,59 @@ def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
 
 
 class _ChunkedWKV(torch.autograd.Function):
-    """x [C, BH, 6, L, N] (a, r, b, k, v, log d), S0 [BH, N, N] -> (Y [C, BH, L, N], S_final [BH, N, N])."""
+    """(a, r, b, k, v, w) [B, T, H, N], S0 [B, H, N, N] in the accumulation dtype, chunk length L
+    -> (y [B, T, H, N] in r.dtype, S_final [B, H, N, N]). Layout changes happen inside, so the autograd
+    graph holds one node."""
 
     @staticmethod
-    def forward(ctx, x, S0):
-        C, BH, _, L, N = x.shape
+    def forward(ctx, a, r, b, k, v, w, S0, L):
+        B, T, H, N = r.shape
+        acc = S0.dtype
+        C = -(-T // L)
+        x6 = torch.empty(C, B, H, 6, L, N, dtype=acc, device=r.device)
+        for slot, t in ((_A, a), (_R, r), (_B, b), (_K, k), (_V, v), (_LD, w)):
+            _fill_chunks(x6[:, :, :, slot], t)
+        ld = x6[:, :, :, _LD]
+        ld.sigmoid_().mul_(-DECAY_SCALE)  # decay_log, in the accumulation dtype
+        if C * L != T:
+            ld[-1, :, :, T - (C - 1) * L :] = 0.0  # padded tokens: identity steps
+        x = x6.view(C, B * H, 6, L, N)
         f = _intra_forward(x)
-        v = x[:, :, 4]
-        states, XT = _scan_forward(S0, v, f["P"], f["Keff"], f["Bb"], f["gL"])
-        starts = states[:C]
-        Y = torch.baddbmm(f["Y0"].flatten(0, 1), f["Yr"].flatten(0, 1), _mt(starts.flatten(0, 1)))
-        del f["Y0"]  # not needed by the backward
+        states, XT, Y = _scan_forward(S0.reshape(B * H, N, N), x[:, :, _V], f["P"], f["Keff"], f["Bb"],
+                                      f["gL"], f["Yr"], f.pop("Y0"))
         ctx.save_for_backward(x, states, XT, *f.values())
         ctx.keys = tuple(f.keys())
-        return Y.view(C, BH, L, N), states[C].clone()
+        ctx.shape = (B, T, H, N, C, L)
+        ctx.dtypes = tuple(t.dtype for t in (a, r, b, k, v, w))
+        y = _from_chunks(Y.view(C, B, H, L, N), T, r.dtype)
+        return y, states[C].view(B, H, N, N).clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dY, dS_final):
+    def backward(ctx, dy, dS_final):
         x, states, XT, *fv = ctx.saved_tensors
         f = dict(zip(ctx.keys, fv))
-        # Upstream grads may be expanded (stride 0, e.g. from .sum()); batched matmuls on such operands
-        # fall back to a slow per-matrix loop, so materialise them once.
-        dY = torch.zeros_like(f["Yr"]) if dY is None else dY.contiguous()
-        dS_final = torch.zeros_like(states[-1]) if dS_final is None else dS_final.contiguous()
-        dS0, dP, dYr, dKeff, dBb, dv, dgL = _scan_backward(dS_final, dY, states, x[:, :, 4], f, XT)
+        B, T, H, N, C, L = ctx.shape
+        BH = B * H
+        dY = torch.empty(C, B, H, L, N, dtype=x.dtype, device=x.device)
+        if dy is None:
+            dY.zero_()
+        else:
+            _fill_chunks(dY, dy)
+        dY = dY.view(C, BH, L, N)
+        if dS_final is None:
+            dS_final = torch.zeros_like(states[-1])
+        else:  # may be expanded (stride 0); batched matmuls on such operands are slow
+            dS_final = dS_final.reshape(BH, N, N).to(x.dtype).contiguous()
+        dS0, dP, dYr, dKeff, dBb, dv, dgL = _scan_backward(dS_final, dY, states, x[:, :, _V], f, XT)
         dx = _intra_backward(x, f, dY, dP, dYr, dKeff, dBb, dv, dgL)
-        return dx, dS0
+        # w: ld = -s sigmoid(w), so dld/dw = ld (1 - sigmoid(w)) = ld (1 + ld / s)
+        ld = x[:, :, _LD]
+        dx[:, :, _LD].mul_(torch.addcmul(ld, ld, ld, value=1.0 / DECAY_SCALE))
+        dx6 = dx.view(C, B, H, 6, L, N)
+        grads = [_from_chunks(dx6[:, :, :, slot], T, dt) if need else None
+                 for slot, dt, need in zip((_A, _R, _B, _K, _V, _LD), ctx.dtypes, ctx.needs_input_grad)]
+        return (*grads, dS0.view(B, H, N, N), None)
 
 
 def wkv_chunked(r, w, k, v, a, b, state=None, chunk_len=None):
@@ -319,11 +375,4 @@ def wkv_chunked(r, w, k, v, a, b, state=None, chunk_len=None):
         S0 = state.to(acc)
     if T == 0:
         return r.new_zeros(B, 0, H, N), S0.clone()
-
-    C = -(-T // L)
-    logd = decay_log(w.to(acc))
-    parts = [_to_chunks(t.to(acc), C, L) for t in (a, r, b, k, v, logd)]
-    x = torch.stack(parts, dim=3).view(C, B * H, 6, L, N)
-    Y, S_final = _ChunkedWKV.apply(x, S0.reshape(B * H, N, N))
-    y = Y.view(C, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, C * L, H, N)[:, :T].contiguous()
-    return y.to(r.dtype), S_final.view(B, H, N, N)
+    return _ChunkedWKV.apply(a, r, b, k, v, w, S0, L)
