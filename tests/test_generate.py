@@ -258,3 +258,15 @@ def test_tokenizer_choice_follows_the_vocabulary():
     assert tokenizer_for({"tokenizer": {"type": "char", "chars": "ab"}}, 2).name == "char"
     with pytest.raises(KaggletrainError, match="vocab_size=1000"):
         tokenizer_for({"path": "x"}, 1000)
+
+
+def test_train_after_optimize_for_inference_restores_contiguous_weights():
+    """optimize_for_inference re-lays the FFN key weights for CPU decoding; .train() puts them back."""
+    model = make_model()
+    model.optimize_for_inference()
+    assert not model.blocks[0].ffn.key.weight.is_contiguous()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    model.train()
+    for n, p in model.named_parameters():
+        assert p.is_contiguous(), n
+        assert torch.equal(p, before[n]), n

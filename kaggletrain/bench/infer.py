@@ -1,9 +1,10 @@
 """Suite `infer`: prefill and decode tokens/s at batch 1 and 8.
 
-Uses the generation path's model call (`kaggletrain.infer.run_last`, what `model.generate` runs: blocks
-over the prompt, head on the last position only) on a model prepared as `kaggletrain generate` prepares
-it (`optimize_for_inference()`, fp32 weights). Prefill: one prompt of P tokens per row from a zero state.
-Decode: S steps of one token per row carrying the state (greedy argmax between steps).
+Uses the generation path's model calls, those `model.generate` runs, on a model prepared as `kaggletrain
+generate` prepares it (`optimize_for_inference()`, fp32 weights). Prefill (`kaggletrain.infer.run_last`:
+blocks over the prompt, head on the last position only): one prompt of P tokens per row from a zero
+state. Decode (`kaggletrain.infer.fast.DecodeStep`, generation's one-token step): S steps of one token
+per row carrying the state (greedy argmax between steps).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def plan(ctx: Context) -> list[dict]:
 
 def build(spec: dict, ctx: Context) -> Bench:
     from kaggletrain.infer import run_last
+    from kaggletrain.infer.fast import DecodeStep
 
     B, P, S = spec["batch"], spec["prompt"], spec["steps"]
     model = build_model(spec["size"], ctx.device)
@@ -35,7 +37,8 @@ def build(spec: dict, ctx: Context) -> Bench:
     prompt = tokens(model.config.vocab_size, B, P, ctx.device)
     with torch.no_grad():
         logits, state0 = run_last(model, prompt)
-    first = logits.argmax(-1, keepdim=True)
+    first = logits.argmax(-1)
+    step = DecodeStep(model)
 
     @torch.no_grad()
     def prefill():
@@ -45,8 +48,8 @@ def build(spec: dict, ctx: Context) -> Bench:
     def decode():
         tok, state = first, state0
         for _ in range(S):
-            out, state = run_last(model, tok, None, state)
-            tok = out.argmax(-1, keepdim=True)
+            out, state = step(tok, state)
+            tok = out.argmax(-1)
 
     return Bench({"prefill": prefill, "decode": decode}, {"prefill": B * P, "decode": B * S},
                  info={"params": model.num_parameters()})

@@ -10,7 +10,8 @@ CPU a [C, V] transpose of the head, see `DecodeStep._logits`):
   - the six token-shift mixes in one addcmul; LoRA biases folded into addmm; the value residual as lerp;
   - the WKV step in three passes over the state (see `_Layer.step`) instead of several full-size
     temporaries;
-  - residual adds folded into the output projections (addmm).
+  - residual adds folded into the output projections (addmm);
+  - at batch > 1 on a CPU, the FFN key and the head through oneDNN instead of MKL (`DecodeStep.__call__`).
 
 Attention blocks (hybrids) use the model's own block code. Rows whose `attention_mask` is 0 keep their
 previous state exactly (torch.where), as in the model. Results equal the model's to float rounding
@@ -31,6 +32,32 @@ from kaggletrain.ops.decay import DECAY_SCALE
 
 def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.reshape(-1)
+
+
+_ONEDNN: Optional[bool] = None
+
+
+def _onednn_ok() -> bool:
+    """Whether oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`, the op TorchInductor's CPU
+    backend emits) exists and gives x W^T + b here, for both weight layouts; probed once."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        try:
+            lp = torch.ops.mkldnn._linear_pointwise
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(s, generator=g) for s in ((3, 8), (5, 8), (5,)))
+            ref = torch.addmm(b, x, w.t())
+            _ONEDNN = bool(torch.backends.mkldnn.is_available()
+                           and torch.allclose(lp(x, w, b, "none", [], ""), ref, atol=1e-5)
+                           and torch.allclose(lp(x, w.t().contiguous().t(), b, "none", [], ""), ref, atol=1e-5))
+        except Exception:  # an op missing from this torch build, or a build without oneDNN
+            _ONEDNN = False
+    return _ONEDNN
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [B, in] @ w[out, in]^T (+ b) through oneDNN; w may have any strides (no copy)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 class _Layer:
@@ -57,8 +84,9 @@ class _Layer:
         self.f_mix = _flat(ffn.x_k)
         self.Wfk, self.Wfv = ffn.key.weight, ffn.value.weight
 
-    def step(self, x, v_first, att_shift, S, ffn_shift):
-        """x [B, C] residual stream; S [B, H, N, N] float32. Returns x, v_first, (att_shift, S, ffn_shift)."""
+    def step(self, x, v_first, att_shift, S, ffn_shift, dnn=False):
+        """x [B, C] residual stream; S [B, H, N, N] float32. Returns x, v_first, (att_shift, S, ffn_shift).
+        dnn: the FFN key product through oneDNN (see `DecodeStep.__call__`)."""
         B, C = x.shape
         H, N = self.H, self.N
         h = self.ln1(x)
@@ -104,7 +132,7 @@ class _Layer:
 
         h2 = self.ln2(x)
         kx = torch.addcmul(h2, ffn_shift.to(h2.dtype) - h2, self.f_mix)
-        hid = torch.relu(F.linear(kx, self.Wfk)).square_()
+        hid = torch.relu(_lin(kx, self.Wfk) if dnn else F.linear(kx, self.Wfk)).square_()
         x = torch.addmm(x, hid, self.Wfv.t())
         return x, v_first, (h, S_new.view(B, H, N, N), h2)
 
@@ -121,8 +149,10 @@ class DecodeStep:
         self.layers = [_Layer(b) if b.is_rwkv_block else None for b in model.blocks]
         self._head_t: Optional[torch.Tensor] = None
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, dnn: bool = False) -> torch.Tensor:
         head = self.model.head
+        if dnn:
+            return _lin(self.model.ln_out(x), head.weight, head.bias).float()
         if x.shape[0] != 1 or x.device.type != "cpu" or head.bias is not None:
             return head_logits(self.model, x)
         # Batch 1 on CPU: x @ W^T streams the V x C head 1.5x faster from a [C, V] copy (gemv over long
@@ -145,6 +175,12 @@ class DecodeStep:
         keep_old = None if mask is None else ~mask.bool()
         v_first = None
         new_states = []
+        # Batch > 1 on a CPU: the products are no longer matrix-vector, and MKL's small-M gemm (on AMD
+        # CPUs it runs a generic, non-AVX2 code path) is slow for the FFN key in the [C, 4C] layout that
+        # optimize_for_inference gives it and for the [V, C] head; oneDNN's AVX2 kernels take both
+        # layouts as they are (no copies). See benchmarks/bench_infer_cpu.py.
+        dnn = B > 1 and x.device.type == "cpu" and x.dtype == torch.float32 \
+            and model.head.weight.dtype == torch.float32 and _onednn_ok()
         for blk, lay, st in zip(model.blocks, self.layers, layer_states):
             if lay is None:  # attention block: the model's code, with its own masking
                 valid = None if mask is None else mask.bool()[:, None]
@@ -157,12 +193,12 @@ class DecodeStep:
                 if st[0] is None:
                     C, H, N = cfg.hidden_size, lay.H, lay.N
                     st = (x.new_zeros(B, C), torch.zeros(B, H, N, N, device=x.device), x.new_zeros(B, C))
-            x, v_first, st_new = lay.step(x, v_first, *st)
+            x, v_first, st_new = lay.step(x, v_first, *st, dnn=dnn)
             if keep_old is not None:  # finished rows: state untouched, exactly
                 st_new = tuple(torch.where(keep_old.view(-1, *([1] * (n.dim() - 1))), o.to(n.dtype), n)
                                for o, n in zip(st, st_new))
             new_states.append(st_new)
-        logits = self._logits(x)
+        logits = self._logits(x, dnn)
         step = torch.ones_like(pos) if mask is None else mask.long().view(-1)
         out = model._join_state(new_states, pos + step)
         if cfg.rwkv_state_compression:
