@@ -7,21 +7,26 @@ Two questions (issue 5):
   2. Gradient checkpointing on a 12-layer model: peak activation memory at least 3x lower, for at most
      1.4x the step time.
 
-Every point runs in a fresh subprocess (so one point's peak cannot hide another's). The worker builds
-the model, runs a tiny warm-up step on the same code path (loads kernels, allocates the parameter
-gradients, pays torch.utils.checkpoint's one-time ~70 MB of imports), records its current RSS as the
-baseline, runs the measured step and reports `ru_maxrss - baseline`: the step's activations, transient
-buffers and allocator overhead. Times: wall clock, and user/system CPU time of the process (one thread,
-so user CPU time is the compute cost even when other jobs share the cores). The points are run twice, with glibc's default
-malloc and with `MALLOC_MMAP_THRESHOLD_` pinned (which turns off glibc's dynamic mmap threshold: freed
-buffers then go back to the OS at once, so the number is what the tensors need rather than what a
-fragmented heap keeps).
+Every memory point runs in a fresh subprocess (so one point's peak cannot hide another's). The worker
+builds the model, runs a tiny warm-up step on the same code path (loads kernels, allocates the parameter
+gradients, pays torch.utils.checkpoint's one-time ~70 MB of imports), resets the kernel's peak-RSS counter
+(VmHWM, via /proc/self/clear_refs), records the RSS, runs the measured step and reports VmHWM - RSS
+before: the step's activations, transient buffers and allocator overhead.
+
+The product path is measured as a user gets it: kaggletrain trims glibc's heap before each recomputation
+(chunk or checkpointed block) in the backward pass (kaggletrain/model/cpu_memory.py). The `off` mode
+reruns the points with that switched off (KAGGLETRAIN_CPU_MALLOC_TRIM=0) to show what it buys.
+
+Step time of gradient checkpointing: one process, one model, checkpointing switched on and off for
+alternate steps (same input), several repeats; medians of wall clock and of user+system CPU time (one
+thread, so CPU time is the compute cost even when other jobs share the cores).
 
     python benchmarks/bench_context_memory.py                    # full run, writes benchmarks/results/
     python benchmarks/bench_context_memory.py --quick            # short sequences only (smoke test)
-    python benchmarks/bench_context_memory.py --skip-context --ckpt-repeats 5 --out benchmarks/results/context_ckpt_c64.json
+    python benchmarks/bench_context_memory.py --skip-context --ckpt-repeats 7 --out benchmarks/results/context_ckpt_c64.json
     python benchmarks/bench_context_memory.py --skip-context --ckpt-hidden 256 --ckpt-head-size 64 --ckpt-T 1024 \
         --out benchmarks/results/context_ckpt_c256.json
+    python benchmarks/bench_context_memory.py --modes product,off     # also without the heap trimming
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,22 +44,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PINNED_MMAP_THRESHOLD = "131072"  # bytes; glibc's default initial threshold, but fixed
+TRIM_ENV = "KAGGLETRAIN_CPU_MALLOC_TRIM"
 
 
 # ---------------------------------------------------------------------------------------------
 # worker (one measurement per process)
 # ---------------------------------------------------------------------------------------------
 
-def _rss_mb() -> float:
-    import psutil
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
-    return psutil.Process().memory_info().rss / 2**20
 
-
-def _peak_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _reset_peak() -> None:
+    # Resets VmHWM to the current RSS (Linux >= 4.0): the next VmHWM is this step's peak alone.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(spec: dict) -> dict:
@@ -91,52 +98,65 @@ def worker(spec: dict) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     checkpoint(lambda t: t * 2, torch.ones(2, requires_grad=True), use_reentrant=False).sum().backward()
+    from kaggletrain.model import cpu_memory
+
+    trims0 = cpu_memory.calls
     gc.collect()
-    base = _rss_mb()
-    peak_before = _peak_mb()
-    times, user, sys_ = [], [], []
-
-    def timed():
-        t0, c0 = time.perf_counter(), os.times()
-        out = step(ids)
-        c1 = os.times()
-        times.append(time.perf_counter() - t0)
-        user.append(c1.user - c0.user)
-        sys_.append(c1.system - c0.system)
-        return out
-
-    loss = timed()
-    peak = _peak_mb()
-    for _ in range(spec.get("repeats", 0)):
-        timed()
-    med = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs)  # noqa: E731
+    if spec.get("alternate"):
+        return alternate(model, step, ids, spec["repeats"])
+    _reset_peak()
+    base = _status_mb("VmRSS")
+    t0, c0 = time.perf_counter(), os.times()
+    loss = step(ids)
+    c1 = os.times()
+    peak = _status_mb("VmHWM")
     return {
         "baseline_rss_mb": round(base, 1),
-        "peak_rss_before_step_mb": round(peak_before, 1),
         "peak_rss_mb": round(peak, 1),
         "step_peak_mb": round(peak - base, 1),
-        "step_s": round(med(times), 3),
-        "step_times_s": [round(t, 3) for t in times],
-        # One thread: user CPU time is the compute cost even when other jobs share the cores; system time
-        # is mostly page faults of fresh allocations (large with the pinned mmap threshold).
-        "step_user_s": round(med(user), 3),
-        "step_sys_s": round(med(sys_), 3),
-        "step_user_times_s": [round(t, 3) for t in user],
-        "step_sys_times_s": [round(t, 3) for t in sys_],
+        "step_s": round(time.perf_counter() - t0, 3),
+        "step_user_s": round(c1.user - c0.user, 3),
+        "step_sys_s": round(c1.system - c0.system, 3),
+        "heap_trims": cpu_memory.calls - trims0,
         "loss": round(loss, 4),
         "params": model.num_parameters(),
     }
+
+
+def alternate(model, step, ids, repeats: int) -> dict:
+    """Step times with checkpointing off and on, alternating (one warm-up pair not counted)."""
+    times = {False: [], True: []}
+    for i in range(repeats + 1):
+        for on in (False, True) if i % 2 == 0 else (True, False):
+            model.enable_gradient_checkpointing(on)
+            model.zero_grad(set_to_none=False)
+            t0, c0 = time.perf_counter(), os.times()
+            step(ids)
+            c1 = os.times()
+            if i:
+                times[on].append((time.perf_counter() - t0, c1.user - c0.user + c1.system - c0.system))
+    med = statistics.median
+    out = {}
+    for on, name in ((False, "plain"), (True, "ckpt")):
+        out[name] = {"wall_s": round(med(t for t, _ in times[on]), 3), "cpu_s": round(med(c for _, c in times[on]), 3),
+                     "wall_times_s": [round(t, 3) for t, _ in times[on]],
+                     "cpu_times_s": [round(c, 3) for _, c in times[on]]}
+    out["ratio_wall"] = round(out["ckpt"]["wall_s"] / out["plain"]["wall_s"], 3)
+    out["ratio_cpu"] = round(out["ckpt"]["cpu_s"] / out["plain"]["cpu_s"], 3)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
 
-def run_point(spec: dict, pinned: bool, timeout: float) -> dict:
+def run_point(spec: dict, mode: str, timeout: float) -> dict:
+    """mode "product": as kaggletrain runs by default; "off": heap trimming switched off."""
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if pinned:
-        env["MALLOC_MMAP_THRESHOLD_"] = PINNED_MMAP_THRESHOLD
+    env.pop(TRIM_ENV, None)
+    if mode == "off":
+        env[TRIM_ENV] = "0"
     env["OMP_NUM_THREADS"] = str(spec.get("threads", 1))
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
@@ -157,8 +177,8 @@ def main() -> None:
     ap.add_argument("--ckpt-hidden", type=int, default=64)
     ap.add_argument("--ckpt-head-size", type=int, default=32)
     ap.add_argument("--ckpt-T", type=int, default=2048)
-    ap.add_argument("--ckpt-repeats", type=int, default=3)
-    ap.add_argument("--allocators", default="default,pinned", help="comma list of default,pinned")
+    ap.add_argument("--ckpt-repeats", type=int, default=5, help="timed step pairs (checkpointing off/on)")
+    ap.add_argument("--modes", default="product", help="comma list of product (as shipped), off (no heap trim)")
     ap.add_argument("--skip-ckpt", action="store_true")
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -183,53 +203,60 @@ def main() -> None:
     ckpt_points = [dict(big, grad_ckpt=False, label="no checkpointing"),
                    dict(big, grad_ckpt=True, label="gradient checkpointing")]
 
-    allocs = [a for a in args.allocators.split(",") if a]
+    modes = [a for a in args.modes.split(",") if a]
     result = {
         "benchmark": "context_memory",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
                     "loadavg_start": os.getloadavg()},
         "model_context": {k: small[k] for k in ("vocab", "hidden", "layers", "head_size")},
         "model_ckpt": {k: big[k] for k in ("vocab", "hidden", "layers", "head_size", "T")},
-        "method": "fresh subprocess per point; step_peak_mb = ru_maxrss after one forward+backward "
-                  "minus RSS after a 64-token warm-up step on the same code path (chunked with chunk 32 / checkpointed), "
-                  "which also pays torch.utils.checkpoint's one-time import (~70 MB)",
+        "method": "fresh subprocess per memory point; step_peak_mb = VmHWM during one forward+backward (reset "
+                  "via /proc/self/clear_refs) minus RSS before it, after a 64-token warm-up step on the same "
+                  "code path (chunked with chunk 32 / checkpointed), which also pays torch.utils.checkpoint's "
+                  "one-time import (~70 MB). Checkpointing step time: one process, checkpointing toggled "
+                  "on/off on alternate steps, medians",
+        "modes": {"product": "as kaggletrain ships: malloc_trim before each backward recomputation "
+                             "(kaggletrain/model/cpu_memory.py)",
+                  "off": f"{TRIM_ENV}=0: heap trimming off (glibc defaults)"},
         "context": {}, "checkpointing": {}, "summary": {},
     }
-    for alloc in allocs:
-        pinned = alloc == "pinned"
+    for mode in modes:
         if not args.skip_context:
             rows = []
             for p in context_points:
-                r = run_point(p, pinned, args.timeout)
+                r = run_point(p, mode, args.timeout)
                 rows.append({"label": p["label"], "T": p["T"], "chunking": p["chunking"],
                              "bptt": p.get("bptt") if p["chunking"] else None, **r})
-                print(f"[{alloc}] {p['label']:<34} peak {r['step_peak_mb']:8.1f} MB   {r['step_s']:7.2f} s",
+                print(f"[{mode}] {p['label']:<34} peak {r['step_peak_mb']:8.1f} MB   {r['step_s']:7.2f} s "
+                      f"(user {r['step_user_s']:.2f} s, sys {r['step_sys_s']:.2f} s, {r['heap_trims']} trims)",
                       flush=True)
-            result["context"][alloc] = rows
+            result["context"][mode] = rows
             ref = rows[0]["step_peak_mb"]
             for r in rows[1:]:
                 r["ratio_vs_T_chunk"] = round(r["step_peak_mb"] / ref, 3)
             longest = max(lengths)
-            result["summary"][f"{alloc}: T={longest}/T={chunk} peak ratio"] = {
+            result["summary"][f"{mode}: T={longest}/T={chunk} peak ratio"] = {
                 b: next(r["ratio_vs_T_chunk"] for r in rows if r["T"] == longest and r["bptt"] == b)
                 for b in ("full", "truncated")}
         if not args.skip_ckpt:
             rows = []
             for p in ckpt_points:
-                r = run_point(p, pinned, args.timeout)
+                r = run_point(p, mode, args.timeout)
                 rows.append({"label": p["label"], **r})
-                print(f"[{alloc}] {p['label']:<34} peak {r['step_peak_mb']:8.1f} MB   {r['step_s']:7.2f} s "
-                      f"(user {r['step_user_s']:.2f} s, sys {r['step_sys_s']:.2f} s) {r['step_times_s']}", flush=True)
-            result["checkpointing"][alloc] = rows
+                print(f"[{mode}] {p['label']:<34} peak {r['step_peak_mb']:8.1f} MB   {r['step_s']:7.2f} s "
+                      f"(user {r['step_user_s']:.2f} s, sys {r['step_sys_s']:.2f} s)", flush=True)
+            timing = run_point(dict(big, alternate=True, label="alternating"), mode, args.timeout)
+            print(f"[{mode}] step time, alternating: plain {timing['plain']} ckpt {timing['ckpt']}", flush=True)
+            result["checkpointing"][mode] = {"memory": rows, "timing": timing}
             plain, ck = rows
-            result["summary"][f"{alloc}: gradient checkpointing"] = {
+            result["summary"][f"{mode}: gradient checkpointing"] = {
+                "activation_memory_mb (plain, ckpt)": [plain["step_peak_mb"], ck["step_peak_mb"]],
                 "activation_memory_reduction_x": round(plain["step_peak_mb"] / max(ck["step_peak_mb"], 1e-9), 2),
-                "step_time_ratio_x (wall)": round(ck["step_s"] / plain["step_s"], 3),
-                "step_time_ratio_x (user cpu)": round(ck["step_user_s"] / plain["step_user_s"], 3),
-                "step_time_ratio_x (user+sys cpu)": round((ck["step_user_s"] + ck["step_sys_s"])
-                                                          / (plain["step_user_s"] + plain["step_sys_s"]), 3),
+                "step_time_ratio_x (median user+sys cpu)": timing["ratio_cpu"],
+                "step_time_ratio_x (median wall)": timing["ratio_wall"],
             }
     result["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(result["summary"], indent=2))

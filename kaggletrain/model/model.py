@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kaggletrain.model.attention import AttentionBlock
 from kaggletrain.model.config import ModelConfig
+from kaggletrain.model import cpu_memory
 from kaggletrain.model.rwkv7 import RWKV7Block
 from kaggletrain.model.state import AttentionLayerState, ModelState, RWKVLayerState, roundtrip
 
@@ -77,6 +78,7 @@ class _ChunkRecompute(torch.autograd.Function):
     def forward(ctx, fn, n_states, *args):
         states, params = args[:n_states], args[n_states:]
         ctx.fn, ctx.n_states, ctx.params = fn, n_states, params
+        ctx.device_type = next((t.device.type for t in args if isinstance(t, torch.Tensor)), "cpu")
         ctx.save_for_backward(*states)
         with torch.no_grad():
             return tuple(fn(list(states)))
@@ -87,6 +89,7 @@ class _ChunkRecompute(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         states = [s.detach().requires_grad_(need[i]) if s is not None and need[i] else s
                   for i, s in enumerate(ctx.saved_tensors)]
+        cpu_memory.release(ctx.device_type)  # CPU: hand the heap's free pages back first (cpu_memory.py)
         with torch.enable_grad():
             outs = ctx.fn(states)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -99,6 +102,19 @@ class _ChunkRecompute(torch.autograd.Function):
             for i, g in zip(wrt_idx, got):
                 result[i] = g
         return (None, None, *result)
+
+
+def _checkpointed(fn, *args):
+    """Non-reentrant checkpoint of one block. Its forward and its recomputation in the backward pass first
+    hand the CPU heap's free pages back to the OS (cpu_memory.py): otherwise the blocks' transient
+    activations fragment the heap and the resident memory saved by checkpointing is mostly lost again."""
+    device_type = args[0].device.type
+
+    def run(*a):
+        cpu_memory.release(device_type)
+        return fn(*a)
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 class RWKVModel(nn.Module):
@@ -160,6 +176,11 @@ class RWKVModel(nn.Module):
 
     def train(self, mode: bool = True):
         if mode:
+            if getattr(self, "_inference", False):  # optimize_for_inference re-laid the FFN key weights
+                for blk in self.blocks:
+                    w = blk.ffn.key.weight if blk.is_rwkv_block else None
+                    if w is not None and not w.is_contiguous():
+                        w.data = w.data.contiguous()
             self._inference = False
             saved = getattr(self, "_saved_requires_grad", None)
             if saved:  # undo optimize_for_inference's freezing (keeping intentionally frozen tensors frozen)
@@ -328,10 +349,10 @@ class RWKVModel(nn.Module):
         for blk, st in zip(self.blocks, layer_states):
             if blk.is_rwkv_block:
                 args = (x, v_first, st, valid, split)
-                x, v_first, st_new, mid = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+                x, v_first, st_new, mid = _checkpointed(blk, *args) if ckpt else blk(*args)
             else:
                 args = (x, st, valid)
-                x, st_new = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+                x, st_new = _checkpointed(blk, *args) if ckpt else blk(*args)
                 mid = None
             new_states.append(st_new)
             mid_states.append(mid)
@@ -377,6 +398,8 @@ class RWKVModel(nn.Module):
             split = (next_lo - lo) if next_lo is not None else None
             skip = s - lo                                      # overlap positions: outputs discarded
             attn_states = first_attn if ci == 0 else [None] * len(self.blocks)
+            if recompute and ci > 0:
+                cpu_memory.release(dev_type)  # CPU: the previous chunk's freed buffers (cpu_memory.py)
 
             def run(rwkv_states, _lo=lo, _hi=hi, _split=split, _skip=skip, _attn=attn_states):
                 states = list(_attn)
