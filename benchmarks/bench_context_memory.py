@@ -13,9 +13,10 @@ gradients, pays torch.utils.checkpoint's one-time ~70 MB of imports), resets the
 (VmHWM, via /proc/self/clear_refs), records the RSS, runs the measured step and reports VmHWM - RSS
 before: the step's activations, transient buffers and allocator overhead.
 
-The product path is measured as a user gets it: kaggletrain trims glibc's heap before each recomputation
-(chunk or checkpointed block) in the backward pass (kaggletrain/model/cpu_memory.py). The `off` mode
-reruns the points with that switched off (KAGGLETRAIN_CPU_MALLOC_TRIM=0) to show what it buys.
+The product path is measured as a user gets it: kaggletrain trims glibc's heap before each chunk (and its
+recomputation in the backward pass) and, with gradient checkpointing, before each checkpointed block's
+forward (kaggletrain/model/cpu_memory.py). The `off` mode reruns the points with that switched off
+(KAGGLETRAIN_CPU_MALLOC_TRIM=0) to show what it buys.
 
 Step time of gradient checkpointing: one process, one model, checkpointing switched on and off for
 alternate steps (same input), several repeats; medians of wall clock and of user+system CPU time (one
@@ -27,6 +28,7 @@ thread, so CPU time is the compute cost even when other jobs share the cores).
     python benchmarks/bench_context_memory.py --skip-context --ckpt-hidden 256 --ckpt-head-size 64 --ckpt-T 1024 \
         --out benchmarks/results/context_ckpt_c256.json
     python benchmarks/bench_context_memory.py --modes product,off     # also without the heap trimming
+    python benchmarks/bench_context_memory.py --skip-context --ckpt-mode selective   # WKV not recomputed
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ def worker(spec: dict) -> dict:
                       head_size=spec["head_size"], rwkv_chunk_size=spec.get("chunk", 2048),
                       rwkv_chunk_overlap=spec.get("overlap", 0))
     model = RWKVModel(cfg)
-    if spec.get("grad_ckpt"):
-        model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(bool(spec.get("grad_ckpt")), mode=spec.get("ckpt_mode", "full"))
     g = torch.Generator().manual_seed(1)
     T, B = spec["T"], spec.get("batch", 1)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--ckpt-hidden", type=int, default=64)
     ap.add_argument("--ckpt-head-size", type=int, default=32)
     ap.add_argument("--ckpt-T", type=int, default=2048)
+    ap.add_argument("--ckpt-mode", default="full", choices=("full", "selective"),
+                    help="enable_gradient_checkpointing(mode=...)")
     ap.add_argument("--ckpt-repeats", type=int, default=5, help="timed step pairs (checkpointing off/on)")
     ap.add_argument("--modes", default="product", help="comma list of product (as shipped), off (no heap trim)")
     ap.add_argument("--skip-ckpt", action="store_true")
@@ -199,7 +202,8 @@ def main() -> None:
         for T in lengths:
             context_points.append(dict(small, T=T, chunking=True, bptt=bptt, label=f"T={T} chunk={chunk} {bptt}"))
     big = dict(vocab=256, hidden=args.ckpt_hidden, layers=args.ckpt_layers, head_size=args.ckpt_head_size,
-               T=512 if args.quick else args.ckpt_T, chunking=False, repeats=args.ckpt_repeats)
+               T=512 if args.quick else args.ckpt_T, chunking=False, repeats=args.ckpt_repeats,
+               ckpt_mode=args.ckpt_mode)
     ckpt_points = [dict(big, grad_ckpt=False, label="no checkpointing"),
                    dict(big, grad_ckpt=True, label="gradient checkpointing")]
 
@@ -212,14 +216,14 @@ def main() -> None:
                     "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
                     "loadavg_start": os.getloadavg()},
         "model_context": {k: small[k] for k in ("vocab", "hidden", "layers", "head_size")},
-        "model_ckpt": {k: big[k] for k in ("vocab", "hidden", "layers", "head_size", "T")},
+        "model_ckpt": {k: big[k] for k in ("vocab", "hidden", "layers", "head_size", "T", "ckpt_mode")},
         "method": "fresh subprocess per memory point; step_peak_mb = VmHWM during one forward+backward (reset "
                   "via /proc/self/clear_refs) minus RSS before it, after a 64-token warm-up step on the same "
                   "code path (chunked with chunk 32 / checkpointed), which also pays torch.utils.checkpoint's "
                   "one-time import (~70 MB). Checkpointing step time: one process, checkpointing toggled "
                   "on/off on alternate steps, medians",
-        "modes": {"product": "as kaggletrain ships: malloc_trim before each backward recomputation "
-                             "(kaggletrain/model/cpu_memory.py)",
+        "modes": {"product": "as kaggletrain ships: malloc_trim before each chunk / chunk recomputation and "
+                             "each checkpointed block's forward (kaggletrain/model/cpu_memory.py)",
                   "off": f"{TRIM_ENV}=0: heap trimming off (glibc defaults)"},
         "context": {}, "checkpointing": {}, "summary": {},
     }

@@ -104,17 +104,51 @@ class _ChunkRecompute(torch.autograd.Function):
         return (None, None, *result)
 
 
-def _checkpointed(fn, *args):
-    """Non-reentrant checkpoint of one block. Its forward and its recomputation in the backward pass first
-    hand the CPU heap's free pages back to the OS (cpu_memory.py): otherwise the blocks' transient
-    activations fragment the heap and the resident memory saved by checkpointing is mostly lost again."""
-    device_type = args[0].device.type
+# Trim the CPU heap before the checkpointed forward of each block only, not before its recomputation in the
+# backward pass. Measured (benchmarks/bench_context_memory.py, 12 layers, C=64, T=2048, one CPU thread):
+# trimming before both gave 6.6x less activation memory for 2.1x the step time; before the forward only
+# 4.9x for 1.6x. The forward is where the heap fragments (each block's transients are freed around the
+# small long-lived allocations of the checkpoint's graph, so the next block grows the heap by ~13 MB of
+# a 64-wide model); the backward recomputes one block at a time in the same space and grows it no more,
+# while every trim there only makes the next block page all its buffers in again (~3 us a page here).
+TRIM_IN_RECOMPUTE = False
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private API: -1 outside a backward pass
 
-    def run(*a):
-        cpu_memory.release(device_type)
-        return fn(*a)
 
+def _in_backward() -> bool:
+    return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def _checkpointed(fn, *args, release: bool = True):
+    """Non-reentrant checkpoint of one block (or, in selective mode, one region of an RWKV block). With
+    `release`, its forward first hands the CPU heap's free pages back to the OS (cpu_memory.py; not its
+    recomputation, see TRIM_IN_RECOMPUTE): otherwise the blocks' transient activations fragment the heap
+    and the resident memory saved by checkpointing is mostly lost again."""
+    if release:
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+
+        def run(*a):
+            if TRIM_IN_RECOMPUTE or not _in_backward():
+                cpu_memory.release(device_type)
+            return _compact(fn(*a))
+    else:
+        def run(*a):
+            return _compact(fn(*a))
     return checkpoint(run, *args, use_reentrant=False)
+
+
+def _compact(out):
+    """A block's carried states (token shifts) are [B, C] views of [B, T, C] activations: returned as they
+    are, each would keep a whole recomputable activation alive past the checkpoint (memory, and on CPU
+    long-lived buffers scattered through the heap that fragment it). Return compact copies instead."""
+    if isinstance(out, torch.Tensor):
+        return out.clone() if out._base is not None and out.dim() == 2 else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_compact(o) for o in out)
+    return out
+
+
+GRAD_CKPT_MODES = ("full", "selective")
 
 
 class RWKVModel(nn.Module):
@@ -135,6 +169,7 @@ class RWKVModel(nn.Module):
         if config.use_position_embeddings:
             self.pos_emb = nn.Embedding(config.max_position_embeddings, C)
         self._grad_ckpt = False
+        self._grad_ckpt_mode = "full"
         self._amp_dtype: Optional[torch.dtype] = None
         self._inference = False
         self.reset_parameters()
@@ -153,9 +188,30 @@ class RWKVModel(nn.Module):
         if hasattr(self, "pos_emb"):
             nn.init.zeros_(self.pos_emb.weight)  # starts inert: keeps the official init's behaviour
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> "RWKVModel":
-        """Recompute each block in backward (non-reentrant checkpoint): less activation memory."""
-        self._grad_ckpt = enabled
+    def enable_gradient_checkpointing(self, enabled: bool = True, mode: Optional[str] = None) -> "RWKVModel":
+        """Recompute activations in the backward pass (non-reentrant checkpoints): less activation memory.
+        Gradients are bit-identical to no checkpointing in both modes. `mode` (None: keep the current one,
+        initially "full"):
+
+        "full" (the default): each block is one checkpoint, recomputed whole in the backward pass.
+        "selective": an RWKV block is two checkpoints around the WKV (everything before it: ln1, token
+            shift, lerps, projections, LoRAs; everything after it: ln_x, bonus, gate, output, ln2,
+            channel-mix); the WKV runs outside them, keeps what it saved and is never recomputed. Attention
+            blocks are checkpointed whole.
+
+        "full" is the default because "selective" keeps too much: the chunked WKV op saves ~25 [T, C]
+        tensors of a block's ~62, so selective saves only ~2x of the activation memory, and on CPU its step
+        time is no better than full's (the recomputation there is cheap next to page faults and heap
+        trimming). Measured (benchmarks/bench_context_memory.py, 12 layers, vocab 256, B=1, one CPU thread,
+        2 shared cores; activation-memory reduction / step-time ratio):
+            C=64,  T=2048: full 4.9x / 1.58x, selective 1.8x / 1.88x
+            C=256, T=1024: full 6.0x / 1.59x, selective 1.8x-2.3x / 1.60x
+        (benchmarks/results/context_ckpt_c{64,256}_{full,selective}.json)."""
+        if mode is not None:
+            if mode not in GRAD_CKPT_MODES:
+                raise ValueError(f"gradient checkpointing mode must be one of {GRAD_CKPT_MODES}, got {mode!r}")
+            self._grad_ckpt_mode = mode
+        self._grad_ckpt = bool(enabled)
         return self
 
     def enable_mixed_precision(self, dtype: Optional[torch.dtype] = torch.bfloat16) -> "RWKVModel":
@@ -349,7 +405,10 @@ class RWKVModel(nn.Module):
         for blk, st in zip(self.blocks, layer_states):
             if blk.is_rwkv_block:
                 args = (x, v_first, st, valid, split)
-                x, v_first, st_new, mid = _checkpointed(blk, *args) if ckpt else blk(*args)
+                if ckpt and self._grad_ckpt_mode == "selective":
+                    x, v_first, st_new, mid = blk(*args, checkpoint=_checkpointed)
+                else:
+                    x, v_first, st_new, mid = _checkpointed(blk, *args) if ckpt else blk(*args)
             else:
                 args = (x, st, valid)
                 x, st_new = _checkpointed(blk, *args) if ckpt else blk(*args)

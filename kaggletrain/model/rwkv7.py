@@ -129,6 +129,17 @@ class RWKV7TimeMix(nn.Module):
     def forward(self, x, v_first, shift, wkv_state, valid=None, split=None):
         """x: [B, T, C] ln1 output. Returns (out, v_first, new_shift, new_wkv_state, mid) where `mid` is
         (shift, wkv_state) after the first `split` tokens (for chunk overlap), or None."""
+        rh, wh, kh, vh, ah, bh, r, k, v, g, v_first, new_shift, shift_mid = self.pre(x, v_first, shift, valid, split)
+        y, s_end, s_mid = self.run_wkv(rh, wh, kh, vh, ah, bh, wkv_state, split)
+        mid = None if s_mid is None else (new_shift if split == x.shape[1] else shift_mid, s_mid)
+        return self.post(y, r, k, v, g), v_first, new_shift, s_end, mid
+
+    def pre(self, x, v_first, shift, valid=None, split=None):
+        """Everything before the WKV: token shift, lerps, projections and LoRAs.
+
+        Returns the WKV inputs (rh, wh, kh, vh, ah, bh) [B, T, H, N], what `post` needs (r, the modified
+        k, the mixed v, g) [B, T, C], v_first, the new shift state and the shift state after `split`
+        tokens (None unless 0 < split < T)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         prev, new_shift = token_shift(x, shift, valid)
@@ -161,26 +172,32 @@ class RWKV7TimeMix(nn.Module):
             m = valid[:, :, None, None]
             rh, kh, vh, ah, bh = (t * m.to(t.dtype) for t in (rh, kh, vh, ah, bh))
             wh = torch.where(m, wh, torch.full_like(wh, PAD_DECAY_LOGIT))
-        impl = self.cfg.wkv_impl
-        mid = None
+        shift_mid = None
+        if split is not None and 0 < split < T:
+            _, shift_mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])
+        return rh, wh, kh, vh, ah, bh, r, k, v, g, v_first, new_shift, shift_mid
+
+    def run_wkv(self, rh, wh, kh, vh, ah, bh, wkv_state, split=None):
+        """The WKV recurrence. Returns (y, final state, state after `split` tokens or None)."""
+        T, impl = rh.shape[1], self.cfg.wkv_impl
         if split is not None and 0 < split < T:
             y1, s_mid = wkv(rh[:, :split], wh[:, :split], kh[:, :split], vh[:, :split], ah[:, :split],
                             bh[:, :split], wkv_state, impl=impl)
             y2, s_end = wkv(rh[:, split:], wh[:, split:], kh[:, split:], vh[:, split:], ah[:, split:],
                             bh[:, split:], s_mid, impl=impl)
-            y = torch.cat([y1, y2], dim=1)
-            _, shift_mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])
-            mid = (shift_mid, s_mid)
-        else:
-            y, s_end = wkv(rh, wh, kh, vh, ah, bh, wkv_state, impl=impl)
-            if split == T:
-                mid = (new_shift, s_end)
+            return torch.cat([y1, y2], dim=1), s_end, s_mid
+        y, s_end = wkv(rh, wh, kh, vh, ah, bh, wkv_state, impl=impl)
+        return y, s_end, (s_end if split == T else None)
+
+    def post(self, y, r, k, v, g):
+        """ln_x, the bonus term, the gate and the output projection."""
+        B, T, C = r.shape
+        H, N = self.n_head, self.head_size
         y = self.ln_x(up(y).reshape(B * T, C)).view(B, T, C)
         # Bonus term uses the modified k and the mixed v.
         bonus = (up(r).view(B, T, H, N) * up(k).view(B, T, H, N) * up(self.r_k)).sum(-1, keepdim=True)
         y = y + (bonus * up(v).view(B, T, H, N)).view(B, T, C)
-        out = self.output(y * up(g))
-        return out, v_first, new_shift, s_end, mid
+        return self.output(y * up(g))
 
 
 class RWKV7ChannelMix(nn.Module):
@@ -248,12 +265,21 @@ class RWKV7Block(nn.Module):
                     self.ffn.shift_state.to(dtype).expand(batch, C))
         return None, None, None
 
-    def forward(self, x, v_first, state, valid=None, split=None):
+    def forward(self, x, v_first, state, valid=None, split=None, checkpoint=None):
         """state: RWKVLayerState-like tuple (att_shift, wkv, ffn_shift) or None.
-        Returns x, v_first, new_state tuple, mid_state tuple (or None)."""
+        Returns x, v_first, new_state tuple, mid_state tuple (or None).
+
+        checkpoint: None, or a function `checkpoint(fn, *args, release=bool)` (non-reentrant activation
+        checkpointing, as RWKVModel's selective gradient checkpointing passes in; `release`: hand the CPU
+        heap's free pages back first, once per block): then the block runs as two checkpointed regions
+        around the WKV -- (1) ln1 + token shift + lerps + projections/LoRAs, (2) ln_x + bonus + gate +
+        output projection + residual + ln2 + channel-mix + residual -- while the WKV itself runs outside
+        them, keeps what it saved and is never recomputed. Same results, to the bit."""
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         att_shift, wkv_state, ffn_shift = state
+        if checkpoint is not None:
+            return self._forward_selective(checkpoint, x, v_first, att_shift, wkv_state, ffn_shift, valid, split)
         h = self.ln1(x)
         dx, v_first, att_shift_new, wkv_new, att_mid = self.att(h, v_first, att_shift, wkv_state, valid, split)
         x = x + dx
@@ -263,4 +289,28 @@ class RWKV7Block(nn.Module):
         mid = None
         if att_mid is not None:
             mid = (att_mid[0], att_mid[1], ffn_mid)
+        return x, v_first, (att_shift_new, wkv_new, ffn_shift_new), mid
+
+    def _region_pre(self, x, v_first, shift, valid, split):
+        # The carried shift states are [B, C] views of the [B, T, C] ln1 output: return compact copies, so
+        # that they do not keep that (recomputable) activation alive.
+        out = self.att.pre(self.ln1(x), v_first, shift, valid, split)
+        return (*out[:11], out[11].clone(), None if out[12] is None else out[12].clone())
+
+    def _region_post(self, x, y, r, k, v, g, shift, valid, split):
+        x = x + self.att.post(y, r, k, v, g)
+        h = self.ln2(x)
+        dx, new_shift, mid = self.ffn(h, shift, valid, split)
+        return x + dx, new_shift.clone(), None if mid is None else mid.clone()
+
+    def _forward_selective(self, checkpoint, x, v_first, att_shift, wkv_state, ffn_shift, valid, split):
+        T = x.shape[1]
+        rh, wh, kh, vh, ah, bh, r, k, v, g, v_first, att_shift_new, shift_mid = checkpoint(
+            self._region_pre, x, v_first, att_shift, valid, split, release=True)
+        y, wkv_new, wkv_mid = self.att.run_wkv(rh, wh, kh, vh, ah, bh, wkv_state, split)
+        x, ffn_shift_new, ffn_mid = checkpoint(self._region_post, x, y, r, k, v, g, ffn_shift, valid, split,
+                                                   release=False)
+        mid = None
+        if wkv_mid is not None:
+            mid = (att_shift_new if split == T else shift_mid, wkv_mid, ffn_mid)
         return x, v_first, (att_shift_new, wkv_new, ffn_shift_new), mid
