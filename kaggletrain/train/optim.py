@@ -33,8 +33,9 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, de
     if not groups:
         raise ValueError("no trainable parameters")
     kw = {}
-    if device.type == "cuda":
-        kw["fused"] = True
+    sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])  # FSDP: default impl
+    if device.type in ("cuda", "cpu") and not sharded:
+        kw["fused"] = True  # one kernel for all parameters; on CPU ~3x faster than the per-tensor loop
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
