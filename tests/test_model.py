@@ -524,6 +524,26 @@ def test_optimize_for_inference_same_logits(kind):
     close(torch.cat(steps, 1), ref, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_optimize_for_inference_half_weights_on_cpu(dtype):
+    """optimize_for_inference(bf16/fp16) runs without autocast on a CPU (ln_x stays float32, the output
+    projection gets its weights' dtype), token by token too, within half-precision rounding."""
+    model = make_model(seed=26, **HYBRID0)
+    ids = rand_ids(2, 11, model.config.vocab_size, seed=27)
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.optimize_for_inference(dtype)
+        out = model(ids).logits
+        st, steps = None, []
+        for t in range(ids.shape[1]):
+            o = model(ids[:, t:t + 1], state=st)
+            st, steps = o.state, steps + [o.logits]
+    assert out.dtype == dtype
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() < 0.03 * scale
+    assert (torch.cat(steps, 1).float() - ref).abs().max() < 0.03 * scale
+
+
 def test_optimize_for_inference_then_move_or_cast():
     """`model.optimize_for_inference(); model.to(...)` (e.g. .cuda(), .double()) must keep working: the
     folded embedding has to follow the module like any buffer."""

@@ -193,11 +193,15 @@ class RWKV7TimeMix(nn.Module):
         """ln_x, the bonus term, the gate and the output projection."""
         B, T, C = r.shape
         H, N = self.n_head, self.head_size
-        y = self.ln_x(up(y).reshape(B * T, C)).view(B, T, C)
+        # ln_x in float32 with float32 affine parameters, also when the weights are half precision
+        # (optimize_for_inference(dtype)): CPU group_norm refuses mixed dtypes.
+        lnx = self.ln_x
+        y = F.group_norm(up(y).reshape(B * T, C), lnx.num_groups, up(lnx.weight), up(lnx.bias), lnx.eps).view(B, T, C)
         # Bonus term uses the modified k and the mixed v.
         bonus = (up(r).view(B, T, H, N) * up(k).view(B, T, H, N) * up(self.r_k)).sum(-1, keepdim=True)
         y = y + (bonus * up(v).view(B, T, H, N)).view(B, T, C)
-        return self.output(y * up(g))
+        # Back to the weights' dtype for the projection (a no-op for float32 weights; autocast casts anyway).
+        return self.output((y * up(g)).to(self.output.weight.dtype))
 
 
 class RWKV7ChannelMix(nn.Module):
