@@ -267,6 +267,26 @@ def test_full_bptt_gradients_equal_unchunked_float64(T, cs, ov):
     assert_grads_close(g, g_ref, rel_each=1e-10, rel_all=1e-10)
 
 
+@pytest.mark.parametrize("T,cs,ov,bptt", [(37, 8, 3, "full"), (23, 4, 0, "full"), (37, 8, 3, "truncated")])
+def test_l2wrap_applies_in_chunked_training(T, cs, ov, bptt):
+    """L2Wrap's extra gradient reaches the chunked training path (return_logits=False keeps no logits):
+    full BPTT gives exactly the unchunked gradients with L2Wrap; and L2Wrap does change them."""
+    model = make_model(seed=41 + T).double()
+    with torch.no_grad():
+        model.head.weight.mul_(30)  # large logits, so L2Wrap's push is well above float64 rounding
+    ids, labels = rand_batch(seed=42, B=2, T=T)
+    g_ref, _ = grads_of(model, input_ids=ids, labels=labels, l2wrap=True)
+    set_chunking(model, cs, ov)
+    kw = dict(input_ids=ids, labels=labels, use_chunking=True, return_logits=False, bptt=bptt)
+    g, _ = grads_of(model, l2wrap=True, **kw)
+    g_plain, _ = grads_of(model, l2wrap=False, **kw)
+    assert (g["head.weight"] - g_plain["head.weight"]).abs().max() > 1e-9  # L2Wrap was applied
+    if bptt == "full":
+        assert_grads_close(g, g_ref, rel_each=1e-10, rel_all=1e-10)
+    else:  # the head's gradient has no path through the carried state: still exact
+        torch.testing.assert_close(g["head.weight"], g_ref["head.weight"], rtol=1e-10, atol=0)
+
+
 def test_hybrid_recomputed_chunks_give_exact_gradients():
     """return_logits=False recomputes each chunk in the backward pass; it must match keeping the graph."""
     model = set_chunking(make_model(seed=41, num_layers=3, layer_pattern="RAR"), 7, 3)

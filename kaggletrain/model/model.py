@@ -37,18 +37,21 @@ class L2Wrap(torch.autograd.Function):
     Multiplies by grad_output (the old form was wrong when grad_output != 1, spec section 1)."""
 
     @staticmethod
-    def forward(ctx, loss, logits):
+    def forward(ctx, loss, logits, factor=None):
+        # factor: the gradient scale, when `loss` is one chunk's loss SUM rather than the mean over these
+        # logits (chunked training passes 1e-4 * count / (B * T) of the whole sequence).
         ctx.save_for_backward(logits)
+        ctx.factor = factor
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (logits,) = ctx.saved_tensors
-        factor = 1e-4 / max(1, logits.shape[0] * logits.shape[1])
+        factor = ctx.factor if ctx.factor is not None else 1e-4 / max(1, logits.shape[0] * logits.shape[1])
         maxx, ids = torch.max(logits, -1, keepdim=True)
         gy = torch.zeros_like(logits)
         gy.scatter_(-1, ids, maxx * factor)
-        return grad_output, gy * grad_output
+        return grad_output, gy * grad_output, None
 
 
 def _flat(states):
@@ -317,9 +320,14 @@ class RWKVModel(nn.Module):
 
         amp = self._amp_dtype is not None and not self._inference
         with torch.autocast(device_type=device.type, dtype=self._amp_dtype or torch.bfloat16, enabled=amp):
-            if use_chunking and T > self.config.rwkv_chunk_size:
+            chunked = use_chunking and T > self.config.rwkv_chunk_size
+            # Chunked: L2Wrap goes on each chunk's logits inside the chunk (they are not kept otherwise).
+            l2_factor = None
+            if chunked and l2wrap and targets is not None and torch.is_grad_enabled():
+                l2_factor = 1e-4 * int((targets != IGNORE_INDEX).sum()) / max(1, B * T)
+            if chunked:
                 loss_sum, count, logits, new_states = self._forward_chunked(
-                    input_ids, valid, position_ids, targets, layer_states, return_logits, bptt)
+                    input_ids, valid, position_ids, targets, layer_states, return_logits, bptt, l2_factor)
             else:
                 x, new_states, _ = self._forward_tokens(input_ids, valid, position_ids, layer_states, None)
                 logits = self.head(self.ln_out(x))
@@ -327,7 +335,7 @@ class RWKVModel(nn.Module):
         loss = None
         if targets is not None:
             loss = loss_sum / max(count, 1)
-            if l2wrap and logits is not None and torch.is_grad_enabled():
+            if l2wrap and logits is not None and torch.is_grad_enabled() and not chunked:
                 loss = L2Wrap.apply(loss, logits)
         consumed = valid.long().sum(1) if valid is not None else torch.full((B,), T, device=device)
         out_state = self._join_state(new_states, pos0 + consumed)
@@ -417,7 +425,8 @@ class RWKVModel(nn.Module):
             mid_states.append(mid)
         return x, new_states, mid_states
 
-    def _forward_chunked(self, input_ids, valid, position_ids, targets, layer_states, return_logits, bptt):
+    def _forward_chunked(self, input_ids, valid, position_ids, targets, layer_states, return_logits, bptt,
+                         l2_factor=None):
         """Chunks of `rwkv_chunk_size` tokens; each re-reads `rwkv_chunk_overlap` tokens of the previous
         chunk (attention context) while the RWKV state enters at the start of that overlap, so no token
         enters the state twice and each token's loss is counted once.
@@ -476,6 +485,8 @@ class RWKVModel(nn.Module):
                         tg[:, :_skip] = IGNORE_INDEX
                 ls, _ = self._loss_sum(logits, tg)
                 ls = logits.new_zeros((), dtype=torch.float32) if ls is None else ls
+                if l2_factor is not None and torch.is_grad_enabled():
+                    ls = L2Wrap.apply(ls, logits[:, _skip:], l2_factor)
                 nxt = [tuple(compact(t) for t in (mid[j] if _split is not None else new[j])) for j in rwkv_idx]
                 new = [tuple(compact(t) for t in st) if st is not None and self.blocks[j].is_rwkv_block else st
                        for j, st in enumerate(new)]
