@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except KaggletrainError as e:
         if debug:
             raise
+        if type(e).__name__ == "RankFailed" and os.environ.get("RANK", "0") != "0":
+            return 2  # another rank's error, which rank 0 prints
         err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

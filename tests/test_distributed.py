@@ -368,3 +368,23 @@ def test_fsdp_fp16_gradscaler_fused_adamw_on_cuda(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(f"rank {r} OK" in proc.stdout for r in range(nproc))
+
+
+def test_an_error_on_rank0_alone_ends_every_rank_with_one_line(tmp_path):
+    """Rank 0 alone tokenises the data; when that fails (a corpus too short for one sequence), every rank
+    must stop with the one-line error instead of rank 1 waiting in a collective and dying with a traceback."""
+    (tmp_path / "tiny.txt").write_text("ab")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "r", "out_dir": str(tmp_path / "run"),
+        "model": {"hidden_size": 32, "num_layers": 1, "head_size": 16},
+        "data": {"source": str(tmp_path / "tiny.txt"), "tokenizer": "char", "cache_dir": str(tmp_path / "cache")},
+        "train": {"seq_len": 16, "batch_size": 2, "max_steps": 2, "device": "cpu"},
+        "logging": {"progress": False},
+    }))
+    proc = run(2, "train", cfg, check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "tiny.txt" in lines[0] and "train.seq_len" in lines[0], proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "kaggletrain/train" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from kaggletrain.errors import KaggletrainError
 
 
 @dataclass
@@ -71,6 +74,27 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def raise_if_any_failed(error: Optional[BaseException], info: DistInfo) -> None:
+    """Collective (every rank calls it): each rank passes the user error it hit (or None). If any rank
+    failed, every rank raises it, so no rank is left waiting in a collective for a peer that has exited
+    (which gloo/NCCL would answer with a traceback instead of the one-line error)."""
+    if not (info.enabled and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    found = [None] * info.world_size
+    dist.all_gather_object(found, None if error is None else str(error))
+    if error is not None:
+        raise error
+    first = next((m for m in found if m is not None), None)
+    if first is not None:
+        raise RankFailed(first)
+
+
+class RankFailed(KaggletrainError):
+    """Another rank's user error, raised on this rank too (the CLI prints it on rank 0 only)."""
 
 
 def cleanup(info: DistInfo) -> None:

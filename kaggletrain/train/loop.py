@@ -22,9 +22,9 @@ import torch
 from kaggletrain.config import RunConfig, save_config
 from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError
 from kaggletrain.train import checkpoint as ckpt
-from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
+from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, cleanup,
                                            dist_info_from_env, init_distributed, optimizer_state_from_fqn,
-                                           optimizer_state_to_fqn)
+                                           optimizer_state_to_fqn, raise_if_any_failed)
 from kaggletrain.train.metrics import MetricsWriter, plot_loss
 from kaggletrain.train.optim import build_optimizer, lr_at, set_lr
 from kaggletrain.train.precision import resolve_device, resolve_precision
@@ -97,10 +97,14 @@ class Trainer:
         # Each node's local rank 0 tokenises (and fills its cache) first; the others then read the cache
         # (the cache is locked per entry, so nodes sharing one file system also work).
         first = self.dist.local_rank == 0
+        error = None
         if first:
-            self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len,
-                                     progress=self.show_progress and self.dist.is_main)
-        barrier(self.dist)
+            try:
+                self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len,
+                                         progress=self.show_progress and self.dist.is_main)
+            except KaggletrainError as e:
+                error = e
+        raise_if_any_failed(error, self.dist)  # also the barrier: the others read the filled cache
         if not first:
             self.data = prepare_data(self.cfg.data, seq_len=self.cfg.train.seq_len, progress=False)
         self.tokenizer = self.data.tokenizer
@@ -192,13 +196,15 @@ class Trainer:
             self.load(latest)
         elif self.resume is True:
             raise KaggletrainError(f"--resume: no checkpoint found under {self.ckpt_root}")
+        error = None
         if self.dist.is_main:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, self.out_dir / "config.yaml")
                 (self.out_dir / "tokenizer.json").write_text(json.dumps(self.tokenizer.to_dict()))
             except OSError as e:
-                raise TrainingError(f"{self.out_dir}: cannot write the run directory ({e.strerror or e})") from None
+                error = TrainingError(f"{self.out_dir}: cannot write the run directory ({e.strerror or e})")
+        raise_if_any_failed(error, self.dist)
 
     def load(self, ckpt_dir: Path) -> None:
         """Load a checkpoint. Under torchrun rank 0 alone reads the files and broadcasts (weights, optimizer
