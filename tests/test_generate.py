@@ -270,3 +270,30 @@ def test_train_after_optimize_for_inference_restores_contiguous_weights():
     for n, p in model.named_parameters():
         assert p.is_contiguous(), n
         assert torch.equal(p, before[n]), n
+
+
+def test_decode_head_copy_is_cached_and_follows_weight_changes():
+    """Batch-1 CPU decoding reads the head from a transposed copy: made once per model (not per
+    generate call), and remade when the head's weights change in place (training, loading)."""
+    import torch
+
+    from kaggletrain import ModelConfig, RWKVModel
+    from kaggletrain.infer.fast import DecodeStep
+
+    torch.manual_seed(3)
+    model = RWKVModel(ModelConfig(hidden_size=64, num_layers=2, head_size=32, vocab_size=300)).eval()
+    model.optimize_for_inference()
+    prompt, nxt = torch.tensor([[4, 8, 15]]), torch.tensor([16])
+    with torch.no_grad():
+        state = model(prompt).state
+        first, _ = DecodeStep(model)(nxt, state)
+        copy = model._decode_head_t[1]
+        DecodeStep(model)(nxt, state)
+        assert model._decode_head_t[1] is copy  # reused by the next generation
+        model.head.weight.mul_(1.5)
+        changed, _ = DecodeStep(model)(nxt, state)
+        ref = model(torch.cat([prompt, nxt[:, None]], 1)).logits[:, -1]
+    assert model._decode_head_t[1] is not copy
+    torch.testing.assert_close(changed, ref, rtol=1e-5, atol=1e-5)
+    assert (changed - first).abs().max() > 1e-3
+    assert not any("head_t" in k for k in model.state_dict())
