@@ -76,6 +76,15 @@ def main() -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
+    peak_all = torch.cuda.max_memory_allocated()
+    # Activation memory of one step: its peak minus what is allocated before it (weights, gradients
+    # set to None, optimizer state) -- the quantity gradient checkpointing reduces (issue 5).
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step()
+    torch.cuda.synchronize()
+    activation_peak = torch.cuda.max_memory_allocated() - before
     tokens = args.batch * args.seq
     n_params = model.num_parameters()
     res = {
@@ -83,13 +92,15 @@ def main() -> None:
         "params": n_params, "batch": args.batch, "seq": args.seq, "grad_ckpt": args.grad_ckpt,
         "compile": args.compile, "first_step_s": first_step_s,
         "step_ms_median": step * 1000, "step_ms_min": min(times) * 1000, "step_ms_max": max(times) * 1000,
-        "tokens_per_s": tokens / step, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "tokens_per_s": tokens / step, "peak_mem_gib": peak_all / 2**30,
+        "activation_mem_gib": activation_peak / 2**30,
         "final_loss": float(loss),
     }
     tag = " compiled" if args.compile else ""
     print(f"TRAIN{tag} {res['card']} {res['precision']} wkv={impl} params={n_params / 1e6:.1f}M B={args.batch} "
           f"T={args.seq}: {res['tokens_per_s']:,.0f} tok/s, step {res['step_ms_median']:.1f} ms "
-          f"[{res['step_ms_min']:.1f}, {res['step_ms_max']:.1f}], peak {res['peak_mem_gib']:.1f} GiB")
+          f"[{res['step_ms_min']:.1f}, {res['step_ms_max']:.1f}], peak {res['peak_mem_gib']:.1f} GiB, "
+          f"activations {res['activation_mem_gib']:.2f} GiB" + (" (grad ckpt)" if args.grad_ckpt else ""))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

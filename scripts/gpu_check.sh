@@ -48,6 +48,9 @@ BENCH_RC=${PIPESTATUS[0]}
 echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096) and a GPU dry run"
 timeout 150 "$PY" benchmarks/bench_train_gpu.py --profile 12 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/train.txt"
 TRAIN_RC=${PIPESTATUS[0]}
+# Issue 5's gradient-checkpointing pair on a 12-layer model: activation memory and step time, same shape.
+timeout 120 "$PY" benchmarks/bench_train_gpu.py --grad-ckpt --steps 4 --json "$OUT/bench_train_gpu_ckpt.json" 2>&1 \
+  | tee "$OUT/train_ckpt.txt"
 timeout 120 "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
   --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"
 DRY_RC=$?
@@ -94,6 +97,7 @@ EOF
 echo "bench rc=$BENCH_RC"
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
+"$PY" -c "import json,sys; a,b=(json.load(open(p)) for p in sys.argv[1:3]); print(f\"grad ckpt (12 layers): activations {a['activation_mem_gib']:.2f} -> {b['activation_mem_gib']:.2f} GiB ({a['activation_mem_gib']/b['activation_mem_gib']:.2f}x less), step time {b['step_ms_median']/a['step_ms_median']:.2f}x\")" "$OUT/bench_train_gpu.json" "$OUT/bench_train_gpu_ckpt.json" 2>/dev/null || echo "grad ckpt pair: no result"
 "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('fitting_settings') or r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
 for f in dry_run_gpu dry_run_gpu_0.1b; do
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"
