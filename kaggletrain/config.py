@@ -162,7 +162,7 @@ class TrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when a GPU is visible, else cpu.")
     gradient_checkpointing: bool = _f(
-        False, "Recompute block activations in the backward pass: 5-6x less activation memory; steps ~1.2x slower on GPU, ~1.6x on CPU (docs/performance.md)."
+        False, "Recompute block activations in the backward pass: 5-6x less activation memory; steps ~1.2x slower on GPU, ~1.35x on CPU (docs/performance.md)."
     )
     use_chunking: bool = _f(
         False,

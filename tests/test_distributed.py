@@ -388,3 +388,15 @@ def test_an_error_on_rank0_alone_ends_every_rank_with_one_line(tmp_path):
     assert len(lines) == 1 and "tiny.txt" in lines[0] and "train.seq_len" in lines[0], proc.stderr[-3000:]
     assert "[rank1]" not in proc.stderr and "kaggletrain/train" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ddp_with_gradient_checkpointing_matches_one_process(setup):
+    """DDP + gradient checkpointing (RWKV blocks recomputed graph-free, parameters as explicit inputs) +
+    chunking + learnable states: every parameter's gradient is reduced once per backward, so the losses
+    and final weights are those of the plain single-process run."""
+    root, cfg, base, base_recs = setup
+    run_dir = root / "ddp_ckpt"
+    run(2, "train", cfg, f"out_dir={run_dir}", "train.micro_batch_size=1", "train.gradient_checkpointing=true")
+    assert_losses_match(run_dir, base_recs, range(1, STEPS + 1))
+    assert_weights_match(run_dir / "checkpoints" / f"step-{STEPS:08d}", base / "checkpoints" / f"step-{STEPS:08d}")

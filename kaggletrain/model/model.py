@@ -92,7 +92,8 @@ class _ChunkRecompute(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         states = [s.detach().requires_grad_(need[i]) if s is not None and need[i] else s
                   for i, s in enumerate(ctx.saved_tensors)]
-        cpu_memory.release(ctx.device_type)  # CPU: hand the heap's free pages back first (cpu_memory.py)
+        if getattr(ctx.fn, "release_before_recompute", True):
+            cpu_memory.release(ctx.device_type)  # CPU: hand the heap's free pages back first (cpu_memory.py)
         with torch.enable_grad():
             outs = ctx.fn(states)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -107,14 +108,22 @@ class _ChunkRecompute(torch.autograd.Function):
         return (None, None, *result)
 
 
-# Trim the CPU heap before the checkpointed forward of each block only, not before its recomputation in the
-# backward pass. Measured (benchmarks/bench_context_memory.py, 12 layers, C=64, T=2048, one CPU thread):
-# trimming before both gave 6.6x less activation memory for 2.1x the step time; before the forward only
-# 4.9x for 1.6x. The forward is where the heap fragments (each block's transients are freed around the
+# For the torch.utils.checkpoint regions (selective mode, attention blocks, FSDP): trim the CPU heap before
+# the checkpointed forward of each region only, not before its recomputation in the backward pass.
+# Measured (benchmarks/bench_context_memory.py, 12 layers, C=64, T=2048, one CPU thread, whole blocks as
+# non-reentrant checkpoints): trimming before both gave 6.6x less activation memory for 2.1x the step time;
+# before the forward only 4.9x for 1.6x (the graph-free blocks of "full" mode now: 4.8x for 1.36x). The forward is where the heap fragments (each block's transients are freed around the
 # small long-lived allocations of the checkpoint's graph, so the next block grows the heap by ~13 MB of
 # a 64-wide model); the backward recomputes one block at a time in the same space and grows it no more,
 # while every trim there only makes the next block page all its buffers in again (~3 us a page here).
 TRIM_IN_RECOMPUTE = False
+GRAPH_FREE_BLOCKS = True  # "full" checkpointing of RWKV blocks through _recompute_rwkv_block
+
+
+def _sharded(model) -> bool:
+    """FSDP-sharded parameters must flow through the ordinary graph (see _forward_chunked)."""
+    return any(c.__name__ == "FSDPModule" for c in type(model).__mro__) or \
+        any(type(p).__name__ == "DTensor" for p in model.parameters())
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private API: -1 outside a backward pass
 
 
@@ -152,6 +161,35 @@ def _compact(out):
 
 
 GRAD_CKPT_MODES = ("full", "selective")
+
+
+def _recompute_rwkv_block(blk, x, v_first, st, valid, split):
+    """One RWKV block through `_ChunkRecompute`: the forward keeps no autograd graph (only the block's
+    inputs), the backward recomputes the block and hands gradients to its inputs and parameters.
+
+    This is "full" gradient checkpointing without torch.utils.checkpoint's per-block graph: on CPU, those
+    long-lived graph nodes, scattered between the freed activations, fragment glibc's heap so that the
+    process keeps most of the memory checkpointing frees (hence the heap trims of `_checkpointed`, whose
+    page faults cost step time); with no graph there is nothing to fragment and nothing to trim."""
+    dev = x.device.type
+    amp, amp_dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    first = v_first is None
+    st = tuple(st) if st is not None else (None, None, None)
+    params = [p for p in blk.parameters() if p.requires_grad]
+
+    def fn(ins):
+        xi, vf, s0, s1, s2 = ins
+        with torch.autocast(device_type=dev, dtype=amp_dtype, enabled=amp):
+            out, vf_new, st_new, mid = _compact(blk(xi, vf, None if s1 is None and s0 is None and s2 is None
+                                                    else (s0, s1, s2), valid, split))
+        mid = mid if mid is not None else (None, None, None)
+        return (out, vf_new if first else None, *st_new, *mid)
+
+    fn.release_before_recompute = False  # no graph, no fragmentation: trimming would only cost page faults
+    outs = _ChunkRecompute.apply(fn, 5, x, v_first, *st, *params)
+    x_out, vf_out, n0, n1, n2, m0, m1, m2 = outs
+    mid = (m0, m1, m2) if m1 is not None else None
+    return x_out, (vf_out if first else v_first), (n0, n1, n2), mid
 
 
 class RWKVModel(nn.Module):
@@ -192,24 +230,22 @@ class RWKVModel(nn.Module):
             nn.init.zeros_(self.pos_emb.weight)  # starts inert: keeps the official init's behaviour
 
     def enable_gradient_checkpointing(self, enabled: bool = True, mode: Optional[str] = None) -> "RWKVModel":
-        """Recompute activations in the backward pass (non-reentrant checkpoints): less activation memory.
-        Gradients are bit-identical to no checkpointing in both modes. `mode` (None: keep the current one,
-        initially "full"):
+        """Recompute activations in the backward pass: less activation memory. Gradients are bit-identical
+        to no checkpointing in both modes. `mode` (None: keep the current one, initially "full"):
 
-        "full" (the default): each block is one checkpoint, recomputed whole in the backward pass.
-        "selective": an RWKV block is two checkpoints around the WKV (everything before it: ln1, token
-            shift, lerps, projections, LoRAs; everything after it: ln_x, bonus, gate, output, ln2,
-            channel-mix); the WKV runs outside them, keeps what it saved and is never recomputed. Attention
-            blocks are checkpointed whole.
+        "full" (the default): each block is recomputed whole in the backward pass. RWKV blocks go through
+            `_recompute_rwkv_block` (no autograd graph kept per block, parameters as explicit inputs);
+            attention blocks, and every block under FSDP, through non-reentrant torch.utils.checkpoint.
+        "selective": an RWKV block is two non-reentrant checkpoints around the WKV (everything before it:
+            ln1, token shift, lerps, projections, LoRAs; everything after it: ln_x, bonus, gate, output,
+            ln2, channel-mix); the WKV runs outside them, keeps what it saved and is never recomputed.
 
-        "full" is the default because "selective" keeps too much: the chunked WKV op saves ~25 [T, C]
-        tensors of a block's ~62, so selective saves only ~2x of the activation memory, and on CPU its step
-        time is no better than full's (the recomputation there is cheap next to page faults and heap
-        trimming). Measured (benchmarks/bench_context_memory.py, 12 layers, vocab 256, B=1, one CPU thread,
-        2 shared cores; activation-memory reduction / step-time ratio):
-            C=64,  T=2048: full 4.9x / 1.58x, selective 1.8x / 1.88x
-            C=256, T=1024: full 6.0x / 1.59x, selective 1.8x-2.3x / 1.60x
-        (benchmarks/results/context_ckpt_c{64,256}_{full,selective}.json)."""
+        Measured (benchmarks/bench_context_memory.py, 12 layers, vocab 256, B=1, one CPU thread on 2 shared
+        cores, 9 alternating steps; activation-memory reduction / step-time ratio):
+            C=64,  T=2048: full 4.8x / 1.36x, selective 1.8x / 1.88x
+            C=256, T=1024: full 5.5x / 1.34x, selective 1.8x-2.3x / 1.60x
+        "selective" keeps too much (the chunked WKV op saves ~25 [T, C] tensors of a block's ~62), so "full"
+        is the default (benchmarks/results/context_ckpt_c{64,256}_{full,selective}.json)."""
         if mode is not None:
             if mode not in GRAD_CKPT_MODES:
                 raise ValueError(f"gradient checkpointing mode must be one of {GRAD_CKPT_MODES}, got {mode!r}")
@@ -415,6 +451,8 @@ class RWKVModel(nn.Module):
                 args = (x, v_first, st, valid, split)
                 if ckpt and self._grad_ckpt_mode == "selective":
                     x, v_first, st_new, mid = blk(*args, checkpoint=_checkpointed)
+                elif ckpt and GRAPH_FREE_BLOCKS and not _sharded(self):
+                    x, v_first, st_new, mid = _recompute_rwkv_block(blk, *args)
                 else:
                     x, v_first, st_new, mid = _checkpointed(blk, *args) if ckpt else blk(*args)
             else:
