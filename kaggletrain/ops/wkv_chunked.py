@@ -241,8 +241,10 @@ def _revcumsum_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
-    """Gradient w.r.t. x [C, BH, 6, L, N] from the gradients of the per-chunk maps. The reference point m
-    is held constant: every quantity is independent of it, so its total derivative is zero."""
+    """Gradient w.r.t. x [C, BH, 6, L, N] from the gradients of the per-chunk maps: returns the grads of
+    (a, r) and of (b, k) [C, BH, 2, L, N] and of the log-decay [C, BH, L, N]; v's grad is dv, completed in
+    place. The reference point m is held constant: every quantity is independent of it, so its total
+    derivative is zero."""
     C, BH, _, L, N = x.shape
     v = x[:, :, _V]
     M, Tinv, TM, Wy, Pp = f["M"], f["Tinv"], f["TM"], f["Wy"], f["Pp"]
@@ -282,17 +284,17 @@ def _intra_backward(x, f, dY0, dP, dYr, dKeff, dBb, dv, dgL):
     dleft2, dright2 = dleft.view(C, BH, 2, L, N), dright.view(C, BH, 2, L, N)
 
     # Exponential factors -> log-decay. left = (a, r) * exp(G_prev - m, G - m), right = (b, k) * exp(m - G),
-    # e_end = exp(G_L - m), gL = exp(G_L); then G = cumsum(ld), G_prev = G - ld.
-    dx = torch.empty_like(x)
-    torch.mul(dleft2, f["E"], out=dx[:, :, _A : _R + 1])
-    torch.mul(dright2, f["ek"].unsqueeze(2), out=dx[:, :, _B : _K + 1])
-    dx[:, :, _V] = dv
-    dGs = dleft2.mul_(left.view(C, BH, 2, L, N))  # (dG_prev, dG) through `left`
-    dG_prev = dGs[:, :, 0]
-    dG = dGs[:, :, 1].add_(dG_prev).sub_(dright2.mul_(right.view(C, BH, 2, L, N)).sum(2))
+    # e_end = exp(G_L - m), gL = exp(G_L); then G = cumsum(ld), G_prev = G - ld. The grads of (a, r) and
+    # (b, k) are made in place in dleft and dright; as dleft * left = d(a, r) * (a, r) (likewise for right),
+    # the log-decay terms come from those and x.
+    dar = dleft2.mul_(f["E"])
+    dbk = dright2.mul_(f["ek"].unsqueeze(2))
+    dG_prev = dar[:, :, 0] * x[:, :, _A]  # through `left`: (dG_prev, dG) = d(a, r) * (a, r)
+    dG = torch.addcmul(dG_prev, dar[:, :, 1], x[:, :, _R])
+    dG.addcmul_(dbk[:, :, 0], x[:, :, _B], value=-1.0).addcmul_(dbk[:, :, 1], x[:, :, _K], value=-1.0)
     dG[..., L - 1 :, :] += dGL
-    torch.sub(_revcumsum_tokens(dG), dG_prev, out=dx[:, :, _LD])
-    return dx
+    dld = _revcumsum_tokens(dG).sub_(dG_prev)
+    return dar, dbk, dld
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,13 +347,13 @@ class _ChunkedWKV(torch.autograd.Function):
         else:  # may be expanded (stride 0); batched matmuls on such operands are slow
             dS_final = dS_final.reshape(BH, N, N).to(x.dtype).contiguous()
         dS0, dP, dYr, dKeff, dBb, dv, dgL = _scan_backward(dS_final, dY, states, x[:, :, _V], f, XT)
-        dx = _intra_backward(x, f, dY, dP, dYr, dKeff, dBb, dv, dgL)
+        dar, dbk, dld = _intra_backward(x, f, dY, dP, dYr, dKeff, dBb, dv, dgL)
         # w: ld = -s sigmoid(w), so dld/dw = ld (1 - sigmoid(w)) = ld (1 + ld / s)
         ld = x[:, :, _LD]
-        dx[:, :, _LD].mul_(torch.addcmul(ld, ld, ld, value=1.0 / DECAY_SCALE))
-        dx6 = dx.view(C, B, H, 6, L, N)
-        grads = [_from_chunks(dx6[:, :, :, slot], T, dt) if need else None
-                 for slot, dt, need in zip((_A, _R, _B, _K, _V, _LD), ctx.dtypes, ctx.needs_input_grad)]
+        dld.mul_(torch.addcmul(ld, ld, ld, value=1.0 / DECAY_SCALE))
+        parts = (dar[:, :, 0], dar[:, :, 1], dbk[:, :, 0], dbk[:, :, 1], dv, dld)  # order of _A.._LD
+        grads = [_from_chunks(g.view(C, B, H, L, N), T, dt) if need else None
+                 for g, dt, need in zip(parts, ctx.dtypes, ctx.needs_input_grad)]
         return (*grads, dS0.view(B, H, N, N), None)
 
 
