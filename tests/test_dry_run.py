@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,14 +59,27 @@ def test_dry_run_reports_and_predicts_a_real_run(tmp_path):
     assert rep["attention_backend"].startswith("none")
     assert math.isfinite(rep["val_loss_one_batch"])
 
-    # The projection against a real run of the same config: per-step time within 30%.
+    # The projection against a real run of the same config: per-step time within 30%. The test shares two
+    # cores with other tests (pytest-xdist), so a load change between the two runs can skew one pair: a
+    # second pair (a fresh dry run, then a fresh real run) is measured before the test fails.
     (run_dir / "keep.txt").unlink()
-    real = cli("train", cfg)
-    assert real.returncode == 0, real.stderr
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = sorted(r["step_s"] for r in recs[2:] if "val_loss" not in r)
-    real_tps = rep["tokens_per_step"] / steps[len(steps) // 2]
-    assert rep["tokens_per_s"] == pytest.approx(real_tps, rel=0.30)
+    pairs = []
+    for attempt in range(2):
+        if attempt:
+            shutil.rmtree(run_dir)
+            proc = cli("train", cfg, "--dry-run", "--steps", "8", "--json")
+            assert proc.returncode == 0, proc.stderr
+            rep = json.loads(proc.stdout)
+        real = cli("train", cfg)
+        assert real.returncode == 0, real.stderr
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = sorted(r["step_s"] for r in recs[2:] if "val_loss" not in r)
+        real_tps = rep["tokens_per_step"] / steps[len(steps) // 2]
+        pairs.append((rep["tokens_per_s"], real_tps))
+        if rep["tokens_per_s"] == pytest.approx(real_tps, rel=0.30):
+            break
+    else:
+        raise AssertionError(f"dry-run tokens/s vs the real run's, twice more than 30% apart: {pairs}")
 
 
 def test_dry_run_table_output(tmp_path):
