@@ -28,19 +28,10 @@ os.environ["RWKV_V7_ON"] = "1"  # must precede `import rwkv` (spec section 5)
 
 import torch  # noqa: E402
 
+from kaggletrain.bench.machine import cpu_name  # noqa: E402
 from kaggletrain.infer import generate, run_last  # noqa: E402
 from kaggletrain.infer.fast import DecodeStep  # noqa: E402
 from kaggletrain.model import ModelConfig, RWKVModel  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_model(seed: int) -> RWKVModel:

@@ -34,20 +34,11 @@ from pathlib import Path
 
 import torch
 
+from kaggletrain.bench.machine import cpu_name
 from kaggletrain.ops.wkv_chunked import default_chunk_len, wkv_chunked
 from kaggletrain.ops.wkv_reference import wkv_sequential
 
 MODES = ("fwd", "fwd_bwd")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_avg():
