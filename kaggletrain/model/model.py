@@ -174,14 +174,14 @@ def _recompute_rwkv_block(blk, x, v_first, st, valid, split):
     dev = x.device.type
     amp, amp_dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
     first = v_first is None
-    st = tuple(st) if st is not None else (None, None, None)
+    no_state = st is None or all(t is None for t in st)  # the block then starts from its initial state
+    st = (None, None, None) if no_state else tuple(st)
     params = [p for p in blk.parameters() if p.requires_grad]
 
     def fn(ins):
-        xi, vf, s0, s1, s2 = ins
+        xi, vf, *si = ins
         with torch.autocast(device_type=dev, dtype=amp_dtype, enabled=amp):
-            out, vf_new, st_new, mid = _compact(blk(xi, vf, None if s1 is None and s0 is None and s2 is None
-                                                    else (s0, s1, s2), valid, split))
+            out, vf_new, st_new, mid = _compact(blk(xi, vf, None if no_state else tuple(si), valid, split))
         mid = mid if mid is not None else (None, None, None)
         return (out, vf_new if first else None, *st_new, *mid)
 
@@ -446,12 +446,13 @@ class RWKVModel(nn.Module):
         v_first = None
         new_states, mid_states = [], []
         ckpt = self._grad_ckpt and torch.is_grad_enabled()
+        graph_free = ckpt and self._grad_ckpt_mode == "full" and GRAPH_FREE_BLOCKS and not _sharded(self)
         for blk, st in zip(self.blocks, layer_states):
             if blk.is_rwkv_block:
                 args = (x, v_first, st, valid, split)
                 if ckpt and self._grad_ckpt_mode == "selective":
                     x, v_first, st_new, mid = blk(*args, checkpoint=_checkpointed)
-                elif ckpt and GRAPH_FREE_BLOCKS and not _sharded(self):
+                elif graph_free:
                     x, v_first, st_new, mid = _recompute_rwkv_block(blk, *args)
                 else:
                     x, v_first, st_new, mid = _checkpointed(blk, *args) if ckpt else blk(*args)
@@ -486,8 +487,7 @@ class RWKVModel(nn.Module):
         # _ChunkRecompute hands gradients to the parameters it is given. Under FSDP (sharded DTensor
         # parameters, unsharded copies swapped in per block) they must instead flow through the ordinary
         # graph: use non-reentrant checkpointing there (exact too; it keeps each chunk's graph nodes).
-        plain_params = bool(params) and not any(c.__name__ == "FSDPModule" for c in type(self).__mro__) \
-            and not any(type(p).__name__ == "DTensor" for p in params)
+        plain_params = bool(params) and not _sharded(self)
         scheme = cfg.state_compression if cfg.rwkv_state_compression else None
         amp = self._amp_dtype is not None and not self._inference
         amp_dtype, dev_type = self._amp_dtype or torch.bfloat16, input_ids.device.type
