@@ -25,12 +25,7 @@ def astuple(ls):
     return tuple(getattr(ls, f.name) for f in fields(ls))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(seed=0, dtype=torch.float64, **kw):

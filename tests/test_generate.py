@@ -12,27 +12,9 @@ from kaggletrain.infer import SamplingParams, TextStream, generate, run_last, se
 from kaggletrain.infer.fast import DecodeStep
 from kaggletrain.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from kaggletrain.infer.state_io import load_state, save_state
-from kaggletrain.model import ModelConfig, RWKVModel
+from tiny_models import make_model  # tests/tiny_models.py
 
-TINY = dict(vocab_size=256, hidden_size=128, num_layers=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a thread pool, and on a shared CPU its spin-waits dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_model(seed=0, **kw) -> RWKVModel:
-    torch.manual_seed(seed)
-    model = RWKVModel(ModelConfig(**{**TINY, **kw}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 200], [1]]

@@ -16,28 +16,10 @@ from kaggletrain.cli import main as cli_main
 from kaggletrain.errors import CheckpointError
 from kaggletrain.interop import (detect_format, export_checkpoint, load_checkpoint, load_state_dict_any,
                                  save_weights)
-from kaggletrain.model import ModelConfig, RWKVModel
+from kaggletrain.model import RWKVModel
+from tiny_models import make_model  # tests/tiny_models.py
 
-TINY = dict(vocab_size=256, hidden_size=128, num_layers=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a thread pool, and on a shared CPU its spin-waits dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_model(seed=0, **kw) -> RWKVModel:
-    """Official init plus noise everywhere, so every parameter influences the logits."""
-    torch.manual_seed(seed)
-    model = RWKVModel(ModelConfig(**{**TINY, **kw}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def logits(model, ids):

@@ -26,12 +26,7 @@ T, CHUNK, OVERLAP = 18, 8, 2
 BATCH, MAX_STEPS, LR = 16, 40, 5e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_batch(g: torch.Generator, B: int):

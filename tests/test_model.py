@@ -16,13 +16,7 @@ from kaggletrain.model.rwkv7 import RWKV7Block
 LORA = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @torch.no_grad()

@@ -26,12 +26,7 @@ V = 53
 STATE_SUFFIXES = ("att.time_state", "att.shift_state", "ffn.shift_state")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(seed=0, learnable=True, perturb_states=True, **kw) -> RWKVModel:
