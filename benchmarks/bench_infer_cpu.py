@@ -4,12 +4,16 @@ Model: random weights in the RWKV-7 World 0.1B shape (12 layers, C=768, vocab 65
   prefill: tokens/s for one prompt of --prefill-len tokens, from a zero state, last-token logits
   decode:  tokens/s for one-token steps carrying the state (batch 1 for both; batch --batch for ours)
   generate: end-to-end `generate()` (greedy sampling included), batch 1 and --batch, for reference
+  --fallback adds decode b1/b{batch} on the fallback path (F.linear and PyTorch WKV ops: what a torch
+  without oneDNN on a machine without a C++ compiler gets) to show what the oneDNN products and the CPU
+  WKV step kernel (kaggletrain/infer/cpu_linear.py, cpu_kernel.py) are worth, in the same run.
 Measurements alternate between the two implementations inside each repeat, so CPU load from other
 processes hits both alike; compare the ratios. Reported three ways: median wall time (the headline),
 fastest repeat, and median process CPU time (what a shared CPU disturbs least; with several threads it
 also counts their spin-waits). Writes JSON (default benchmarks/results/infer_cpu.json).
 
     python benchmarks/bench_infer_cpu.py [--prefill-len 256] [--decode-steps 16] [--repeats 5] [--threads N]
+                                         [--fallback]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ os.environ["RWKV_V7_ON"] = "1"  # must precede `import rwkv` (spec section 5)
 import torch  # noqa: E402
 
 from kaggletrain.bench.machine import cpu_name  # noqa: E402
-from kaggletrain.infer import generate, run_last  # noqa: E402
+from kaggletrain.infer import cpu_kernel, cpu_linear, generate, run_last  # noqa: E402
 from kaggletrain.infer.fast import DecodeStep  # noqa: E402
 from kaggletrain.model import ModelConfig, RWKVModel  # noqa: E402
 
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     ap.add_argument("--weights", type=Path, default=None,
                     help="Use this checkpoint instead of a fresh random model (saves the init time).")
+    ap.add_argument("--fallback", action="store_true", help="Also time decoding on the fallback path.")
     ap.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "infer_cpu.json")
     args = ap.parse_args()
     if args.threads:
@@ -119,6 +124,19 @@ def main() -> None:
             out, state = pkg.forward([tok], state)
             tok = int(out.argmax())
 
+    def fallback(fn):
+        """fn() on the fallback path: no oneDNN products, no compiled WKV step."""
+        def run():
+            saved = cpu_linear._ONEDNN
+            cpu_linear._ONEDNN = False
+            os.environ["KAGGLETRAIN_DISABLE_CPU_KERNEL"] = "1"
+            try:
+                fn()
+            finally:
+                cpu_linear._ONEDNN = saved
+                del os.environ["KAGGLETRAIN_DISABLE_CPU_KERNEL"]
+        return run
+
     def ours_generate(batch):
         generate(model, [prompt_list[:16]] * batch, max_new_tokens=S, temperature=0)
 
@@ -131,6 +149,9 @@ def main() -> None:
         "generate_b1_ours": (lambda: ours_generate(1), S),
         f"generate_b{B}_ours": (lambda: ours_generate(B), S * B),
     }
+    if args.fallback:
+        cases["decode_b1_fallback"] = (fallback(lambda: ours_decode(st1, 1)), S)
+        cases[f"decode_b{B}_fallback"] = (fallback(lambda: ours_decode(stB, B)), S * B)
     for name, (fn, _) in cases.items():  # warm-up: TorchScript profiling runs, allocator, caches
         for _ in range(2 if name.startswith("prefill") else 1):
             fn()
@@ -148,16 +169,22 @@ def main() -> None:
     per_cpu_s = {k: cases[k][1] / statistics.median(v) for k, v in cpu.items()}
 
     def ratios(t):
-        return {"prefill_ours_vs_rwkv": round(t["prefill_ours"] / t["prefill_rwkv"], 3),
-                "decode_b1_ours_vs_rwkv": round(t["decode_b1_ours"] / t["decode_b1_rwkv"], 3),
-                f"decode_b{B}_vs_b1_ours": round(t[f"decode_b{B}_ours"] / t["decode_b1_ours"], 3)}
+        out = {"prefill_ours_vs_rwkv": round(t["prefill_ours"] / t["prefill_rwkv"], 3),
+               "decode_b1_ours_vs_rwkv": round(t["decode_b1_ours"] / t["decode_b1_rwkv"], 3),
+               f"decode_b{B}_vs_b1_ours": round(t[f"decode_b{B}_ours"] / t["decode_b1_ours"], 3)}
+        if args.fallback:
+            out["decode_b1_ours_vs_fallback"] = round(t["decode_b1_ours"] / t["decode_b1_fallback"], 3)
+            out[f"decode_b{B}_ours_vs_fallback"] = round(t[f"decode_b{B}_ours"] / t[f"decode_b{B}_fallback"], 3)
+            out[f"decode_b{B}_vs_b1_fallback"] = round(t[f"decode_b{B}_fallback"] / t["decode_b1_fallback"], 3)
+        return out
 
     result = {
         "benchmark": "bench_infer_cpu",
         "model": "RWKV-7 World 0.1B shape, random weights: L=12, C=768, V=65536, float32",
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "os_cpus": os.cpu_count(),
                     "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
-                    "torch": torch.__version__, "rwkv": getattr(rwkv, "__version__", "0.8.32")},
+                    "torch": torch.__version__, "rwkv": getattr(rwkv, "__version__", "0.8.32"),
+                    "onednn_products": cpu_linear.onednn_ok(), "cpu_wkv_step_kernel": cpu_kernel.build_info()["loaded"]},
         "settings": {"prefill_len": args.prefill_len, "decode_steps": S, "batch": B, "repeats": args.repeats,
                      "weights": str(args.weights) if args.weights else f"random_model(seed={args.seed})",
                      "model_init_s": round(init_s, 1)},

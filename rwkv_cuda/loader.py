@@ -74,7 +74,7 @@ def build_key(arch: tuple[int, int]) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """Cross-process lock: `filelock` when installed, else fcntl (POSIX)."""
     try:
         from filelock import FileLock
@@ -171,7 +171,7 @@ def _build() -> object:
             log.write(f"NOT BUILT: {e}\n")
             raise
     t0 = time.perf_counter()
-    with _file_lock(build_dir / "build.lock"):
+    with file_lock(build_dir / "build.lock"):
         try:
             with _env(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1]}"), _output_to(log_path):
                 module = cpp_extension.load(

@@ -26,8 +26,27 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(params=["onednn+kernel", "onednn", "torch"])
+def cpu_products(request, monkeypatch):
+    """Run the CPU decode step with oneDNN products (where this torch has them) and the compiled WKV step
+    kernel (where it builds), with oneDNN and PyTorch's WKV ops, and with F.linear and PyTorch's ops (what
+    a torch build without oneDNN on a machine without a compiler gets)."""
+    from kaggletrain.infer import cpu_kernel, cpu_linear
+
+    onednn = request.param.startswith("onednn")
+    if onednn and not cpu_linear.onednn_ok():
+        pytest.skip("this torch build has no oneDNN fused linear")
+    monkeypatch.setattr(cpu_linear, "_ONEDNN", onednn)
+    if request.param.endswith("kernel"):
+        if cpu_kernel.step_kernel(warn=False) is None:
+            pytest.skip(f"the CPU WKV step kernel does not build here: {cpu_kernel.build_info()['error']}")
+    else:
+        monkeypatch.setenv("KAGGLETRAIN_DISABLE_CPU_KERNEL", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_step_and_prefill_match_the_model(variant):
+def test_decode_step_and_prefill_match_the_model(variant, cpu_products):
     model = make_model(**VARIANTS[variant])
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -242,8 +261,12 @@ def test_tokenizer_choice_follows_the_vocabulary():
         tokenizer_for({"path": "x"}, 1000)
 
 
-def test_train_after_optimize_for_inference_restores_contiguous_weights():
-    """optimize_for_inference re-lays the FFN key weights for CPU decoding; .train() puts them back."""
+def test_train_after_optimize_for_inference_restores_contiguous_weights(monkeypatch):
+    """Without oneDNN, optimize_for_inference re-lays the FFN key weights for CPU decoding (MKL gemv);
+    .train() puts them back."""
+    from kaggletrain.infer import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_ONEDNN", False)
     model = make_model()
     model.optimize_for_inference()
     assert not model.blocks[0].ffn.key.weight.is_contiguous()

@@ -1,4 +1,5 @@
-"""`kaggletrain doctor`: what this machine offers for training (GPU, bf16, CUDA toolchain, the WKV kernel)."""
+"""`kaggletrain doctor`: what this machine offers (GPU, bf16, CUDA toolchain, the WKV CUDA kernel, the CPU
+decode kernel)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,40 @@ def collect(build: bool = True) -> dict:
             kernel["self_check"] = {k: {"max_rel_err": err, "passed": passed} for k, (err, passed) in checks.items()}
             kernel["status"] = "ok" if all(p for _, p in checks.values()) else "SELF-CHECK FAILED"
     info["wkv_kernel"] = kernel
+    info["cpu_decode_kernel"] = _cpu_decode_kernel(build)
     return info
+
+
+def _cpu_decode_kernel(build: bool) -> dict:
+    """Build (or load) the CPU WKV decode-step kernel and check one step against PyTorch ops in float64."""
+    if not build:
+        return {"status": "not tried"}
+    import time
+
+    import torch
+
+    from kaggletrain.infer import cpu_kernel
+
+    t0 = time.perf_counter()
+    lib = cpu_kernel.step_kernel(warn=False)
+    info = cpu_kernel.build_info()
+    out = {"status": "built" if lib else "unavailable", "seconds": round(time.perf_counter() - t0, 1),
+           "error": info["error"], "log": info["log"]}
+    if lib is not None:
+        g = torch.Generator().manual_seed(0)
+        S = torch.randn(4, 64, 64, generator=g)
+        d = torch.rand(4, 64, generator=g)
+        kk = torch.nn.functional.normalize(torch.randn(4, 64, generator=g), dim=-1)
+        b, k, r, v = kk * torch.rand(4, 64, generator=g), *(torch.randn(4, 64, generator=g) for _ in range(3))
+        y, S1 = cpu_kernel.wkv7_step(S, d, kk, b, k, r, v, lib=lib)
+        S64 = S.double()
+        ref_S = S64 * d.double()[:, None] - (S64 @ kk.double()[..., None]) * b.double()[:, None] \
+            + v.double()[..., None] * k.double()[:, None]
+        err = max(((S1.double() - ref_S).norm() / ref_S.norm()).item(),
+                  ((y.double() - (ref_S @ r.double()[..., None])[..., 0]).norm() / ref_S.norm()).item())
+        out["self_check"] = {"max_rel_err": err, "passed": err < 1e-5}
+        out["status"] = "ok" if err < 1e-5 else "SELF-CHECK FAILED"
+    return out
 
 
 @app.command("doctor")
@@ -125,4 +159,11 @@ def doctor(
     for dt, c in k.get("self_check", {}).items():
         line += f"\n{dt}: max rel err {c['max_rel_err']:.1e} {'ok' if c['passed'] else 'FAIL'}"
     table.add_row("WKV CUDA kernel", line)
+    c = info["cpu_decode_kernel"]
+    line = c["status"] + (f" ({c['seconds']} s)" if "seconds" in c else "")
+    if c.get("error"):
+        line += f": {c['error']}\nlog: {c['log']}"
+    if "self_check" in c:
+        line += f"\nfloat32 vs float64: max rel err {c['self_check']['max_rel_err']:.1e}"
+    table.add_row("CPU decode kernel", line)
     Console().print(table)

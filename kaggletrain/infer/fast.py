@@ -8,10 +8,11 @@ parameters (copies: the six [C] token-shift mixes stacked into one [6, 1, C] ten
 CPU a [C, V] transpose of the head, see `DecodeStep._logits`):
 
   - the six token-shift mixes in one addcmul; LoRA biases folded into addmm; the value residual as lerp;
-  - the WKV step in three passes over the state (see `_Layer.step`) instead of several full-size
-    temporaries;
-  - residual adds folded into the output projections (addmm);
-  - at batch > 1 on a CPU, the FFN key and the head through oneDNN instead of MKL (`DecodeStep.__call__`).
+  - the WKV step in one pass over the state on a CPU (a small compiled kernel,
+    kaggletrain/infer/cpu_kernel.py), else in four passes of PyTorch ops (see `_Layer.step`);
+  - residual adds folded into the output projections;
+  - float32 weight products on a CPU through oneDNN, in the operand order that suits the batch size
+    (kaggletrain/infer/cpu_linear.py).
 
 Attention blocks (hybrids) use the model's own block code. Rows whose `attention_mask` is 0 keep their
 previous state exactly (torch.where), as in the model. Results equal the model's to float rounding
@@ -25,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kaggletrain.infer.cpu_kernel import step_kernel
+from kaggletrain.infer.cpu_linear import OneDNNRows, TorchProducts, products_for
 from kaggletrain.infer.runner import head_logits
 from kaggletrain.model.state import ModelState
 from kaggletrain.ops.decay import DECAY_SCALE
@@ -32,32 +35,6 @@ from kaggletrain.ops.decay import DECAY_SCALE
 
 def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.reshape(-1)
-
-
-_ONEDNN: Optional[bool] = None
-
-
-def _onednn_ok() -> bool:
-    """Whether oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`, the op TorchInductor's CPU
-    backend emits) exists and gives x W^T + b here, for both weight layouts; probed once."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        try:
-            lp = torch.ops.mkldnn._linear_pointwise
-            g = torch.Generator().manual_seed(0)
-            x, w, b = (torch.randn(s, generator=g) for s in ((3, 8), (5, 8), (5,)))
-            ref = torch.addmm(b, x, w.t())
-            _ONEDNN = bool(torch.backends.mkldnn.is_available()
-                           and torch.allclose(lp(x, w, b, "none", [], ""), ref, atol=1e-5)
-                           and torch.allclose(lp(x, w.t().contiguous().t(), b, "none", [], ""), ref, atol=1e-5))
-        except Exception:  # an op missing from this torch build, or a build without oneDNN
-            _ONEDNN = False
-    return _ONEDNN
-
-
-def _lin(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [B, in] @ w[out, in]^T (+ b) through oneDNN; w may have any strides (no copy)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 class _Layer:
@@ -84,17 +61,18 @@ class _Layer:
         self.f_mix = _flat(ffn.x_k)
         self.Wfk, self.Wfv = ffn.key.weight, ffn.value.weight
 
-    def step(self, x, v_first, att_shift, S, ffn_shift, dnn=False):
+    def step(self, x, v_first, att_shift, S, ffn_shift, mm: TorchProducts, kernel=None):
         """x [B, C] residual stream; S [B, H, N, N] float32. Returns x, v_first, (att_shift, S, ffn_shift).
-        dnn: the FFN key product through oneDNN (see `DecodeStep.__call__`)."""
+        mm: the weight products' form (kaggletrain/infer/cpu_linear.py); kernel: the loaded CPU WKV
+        step library (kaggletrain/infer/cpu_kernel.py) or None for PyTorch ops."""
         B, C = x.shape
         H, N = self.H, self.N
         h = self.ln1(x)
         m = torch.addcmul(h, att_shift.to(h.dtype) - h, self.mix)  # [6, B, C]: xr, xk, xw, xa, xv, xg
         xr, xk, xw, xa, xv, xg = m.unbind(0)
-        r = F.linear(xr, self.Wr)
-        k = F.linear(xk, self.Wk)
-        v = F.linear(xv, self.Wv)
+        r = mm(xr, self.Wr).contiguous()  # contiguous rows for the per-head views below
+        k = mm(xk, self.Wk).contiguous()
+        v = mm(xv, self.Wv).contiguous()
         if self.half:  # the decay logit is summed in float32 (spec pitfalls: decay precision)
             w = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()
         else:
@@ -109,31 +87,38 @@ class _Layer:
         k = k * torch.addcmul(self.one_minus_k_a, a, self.k_a)   # k * (1 + (a - 1) * k_a)
 
         # WKV, per head: S' = S diag(d) + (S a_in) b^T + v k^T and y = S' r, with a_in = -kk, b = kk a.
-        # y expands to S (d*r) + (S a_in)(b.r) + v (k.r), so one batched matmul S @ [kk | d*r] gives
-        # both S-products, and S' is one multiply plus one in-place batched matmul-add: three passes
-        # over the [B, H, N, N] state instead of five (at batch 8 the state is as large as the weights
-        # a step reads from cache).
         BH = B * H
         Sf = S.reshape(BH, N, N)
         d = torch.exp(torch.sigmoid(w.float()).mul_(-DECAY_SCALE)).view(BH, N)
         rf, kf, vf = r.float().view(BH, N), k.float().view(BH, N), v.float().view(BH, N)
         kkf = kk.view(BH, N)
         bf = kkf * a.float().view(BH, N)
-        q = torch.bmm(Sf, torch.stack([kkf, d * rf], dim=2))                       # [BH, N, 2]
-        sa = q[:, :, 0].neg()                                                       # S a_in
-        y = q[:, :, 1] + sa * (bf * rf).sum(-1, keepdim=True) + vf * (kf * rf).sum(-1, keepdim=True)
-        S_new = (Sf * d[:, None, :]).baddbmm_(torch.stack([sa, vf], dim=2), torch.stack([bf, kf], dim=1))
+        if kernel is not None:  # one pass over the state (kaggletrain/infer/wkv7_step_cpu.cpp)
+            Sf = Sf.contiguous()
+            S_new, y = torch.empty_like(Sf), torch.empty(BH, N)
+            kernel.kt_wkv7_step(Sf.data_ptr(), S_new.data_ptr(), d.data_ptr(), kkf.data_ptr(), bf.data_ptr(),
+                                kf.data_ptr(), rf.data_ptr(), vf.data_ptr(), y.data_ptr(), BH, N)
+        else:
+            # y expands to S (d*r) + (S a_in)(b.r) + v (k.r), so two row-wise dot products with S give
+            # both S-products and S' is one multiply plus one in-place batched matmul-add: four passes
+            # over the state instead of five full-size temporaries (vecdot beats bmm with a [N, 2]
+            # right-hand side 1.3-1.8x: MKL's batched gemm is slow for such thin products).
+            sa = torch.linalg.vecdot(Sf, kkf[:, None, :]).neg_()                    # S a_in
+            y = torch.linalg.vecdot(Sf, (d * rf)[:, None, :])
+            y += sa * (bf * rf).sum(-1, keepdim=True) + vf * (kf * rf).sum(-1, keepdim=True)
+            S_new = (Sf * d[:, None, :]).baddbmm_(torch.stack([sa, vf], dim=2), torch.stack([bf, kf], dim=1))
         y = y.view(B, C)
 
         y = F.group_norm(y, H, self.lnx_w, self.lnx_b, self.lnx_eps)
         bonus = (r.float() * k.float() * self.r_k.float()).view(B, H, N).sum(-1, keepdim=True)
         y = torch.addcmul(y.view(B, H, N), bonus, v.float().view(B, H, N)).view(B, C)
-        x = torch.addmm(x, (y * g).to(x.dtype), self.Wo.t())
+        x = mm.add(x, (y * g).to(x.dtype), self.Wo)
 
         h2 = self.ln2(x)
         kx = torch.addcmul(h2, ffn_shift.to(h2.dtype) - h2, self.f_mix)
-        hid = torch.relu(_lin(kx, self.Wfk) if dnn else F.linear(kx, self.Wfk)).square_()
-        x = torch.addmm(x, hid, self.Wfv.t())
+        # contiguous: the column form is slow when its small operand (hid, next line) is a transposed view
+        hid = torch.relu_(mm(kx, self.Wfk).contiguous()).square_()
+        x = mm.add(x, hid, self.Wfv)
         return x, v_first, (h, S_new.view(B, H, N, N), h2)
 
 
@@ -141,30 +126,35 @@ class DecodeStep:
     """`step(tokens [B], state, mask=None) -> (logits [B, V] float32, state)` for `model`.
 
     Built once per generation (cheap: views of the parameters). Accepts and returns `ModelState`, so it
-    interleaves freely with `run_last` (prefill) and with states saved to files.
+    interleaves freely with `run_last` (prefill) and with states saved to files. At batch > 1 on a CPU
+    the logits are a transposed view of a [V, B] buffer (copying it back would cost ~2 ms per step at
+    V = 65536); call .contiguous() where rows must be contiguous.
     """
 
     def __init__(self, model):
         self.model = model
         self.layers = [_Layer(b) if b.is_rwkv_block else None for b in model.blocks]
 
-    def _logits(self, x: torch.Tensor, dnn: bool = False) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, mm: TorchProducts) -> torch.Tensor:
         head = self.model.head
-        if dnn:
-            return _lin(self.model.ln_out(x), head.weight, head.bias).float()
-        if x.shape[0] != 1 or x.device.type != "cpu" or head.bias is not None:
+        plain_cpu = head.bias is None and x.device.type == "cpu"
+        if plain_cpu and x.shape[0] > 1 and isinstance(mm, OneDNNRows):  # oneDNN column form
+            return mm(self.model.ln_out(x), head.weight).float()  # a transposed view: see cpu_linear.py
+        if not plain_cpu or x.shape[0] > 1:
             return head_logits(self.model, x)
-        # Batch 1 on CPU: x @ W^T streams the V x C head 1.5x faster from a [C, V] copy (gemv over long
-        # contiguous rows) than from the [V, C] parameter. The copy (200 MB for a 0.1B World model) is
-        # cached on the model across generate() calls, keyed by the weight's storage and version counter
-        # so that training or loading new weights invalidates it.
+        h = self.model.ln_out(x)
+        # Batch 1 on CPU: the V x C head streams fastest from a [C, V] copy (long contiguous rows), in
+        # oneDNN or in MKL's gemv (about 1.25x and 1.5x faster than from the [V, C] parameter). The copy
+        # (200 MB for a 0.1B World model) is cached on the model across generate() calls, keyed by the
+        # weight's storage and version counter so that training or loading new weights invalidates it.
         w = head.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         cached = getattr(self.model, "_decode_head_t", None)
         if cached is None or cached[0] != key:
             cached = (key, w.detach().t().contiguous())
             self.model._decode_head_t = cached  # a plain attribute: not a parameter, buffer or state entry
-        return (self.model.ln_out(x) @ cached[1]).float()
+        wt = cached[1]
+        return (mm(h, wt.t()) if isinstance(mm, OneDNNRows) else h @ wt).float()
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: ModelState,
@@ -180,12 +170,11 @@ class DecodeStep:
         keep_old = None if mask is None else ~mask.bool()
         v_first = None
         new_states = []
-        # Batch > 1 on a CPU: the products are no longer matrix-vector, and MKL's small-M gemm (on AMD
-        # CPUs it runs a generic, non-AVX2 code path) is slow for the FFN key in the [C, 4C] layout that
-        # optimize_for_inference gives it and for the [V, C] head; oneDNN's AVX2 kernels take both
-        # layouts as they are (no copies). See benchmarks/bench_infer_cpu.py.
-        dnn = B > 1 and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and model.head.weight.dtype == torch.float32 and _onednn_ok()
+        # float32 CPU steps go through oneDNN, in the operand order that suits the batch size
+        # (kaggletrain/infer/cpu_linear.py); anything else through F.linear.
+        dtype = x.dtype if model.head.weight.dtype == x.dtype else model.head.weight.dtype
+        mm = products_for(B, x.device, dtype)
+        kernel = step_kernel() if x.device.type == "cpu" else None
         for blk, lay, st in zip(model.blocks, self.layers, layer_states):
             if lay is None:  # attention block: the model's code, with its own masking
                 valid = None if mask is None else mask.bool()[:, None]
@@ -198,12 +187,13 @@ class DecodeStep:
                 if st[0] is None:
                     C, H, N = cfg.hidden_size, lay.H, lay.N
                     st = (x.new_zeros(B, C), torch.zeros(B, H, N, N, device=x.device), x.new_zeros(B, C))
-            x, v_first, st_new = lay.step(x, v_first, *st, dnn=dnn)
+            x, v_first, st_new = lay.step(x, v_first, *st, mm=mm,
+                                            kernel=kernel if lay.N % 8 == 0 else None)
             if keep_old is not None:  # finished rows: state untouched, exactly
                 st_new = tuple(torch.where(keep_old.view(-1, *([1] * (n.dim() - 1))), o.to(n.dtype), n)
                                for o, n in zip(st, st_new))
             new_states.append(st_new)
-        logits = self._logits(x, dnn)
+        logits = self._logits(x, mm)
         step = torch.ones_like(pos) if mask is None else mask.long().view(-1)
         out = model._join_state(new_states, pos + step)
         if cfg.rwkv_state_compression:

@@ -293,10 +293,12 @@ class RWKVModel(nn.Module):
             self.to(dtype)
         # A non-persistent buffer: follows .to()/.cuda(), stays out of the state dict.
         self.register_buffer("_emb_folded", self.blocks[0].ln0(self.emb.weight).detach(), persistent=False)
-        if self.emb.weight.device.type == "cpu":
-            # Decoding is one matrix-vector product per weight; CPU gemv streams the FFN key [4C, C] ~1.5x
-            # faster stored as [C, 4C] (long contiguous rows). Same shape and values, other strides
-            # (benchmarks/bench_infer_cpu.py, kaggletrain/infer/fast.py).
+        from kaggletrain.infer.cpu_linear import weights_prefer_transposed
+
+        if self.emb.weight.device.type == "cpu" and weights_prefer_transposed():
+            # Without oneDNN, decoding runs MKL's gemv, which streams the FFN key [4C, C] ~1.5x faster
+            # stored as [C, 4C] (long contiguous rows). Same shape and values, other strides
+            # (kaggletrain/infer/cpu_linear.py).
             for blk in self.blocks:
                 w = blk.ffn.key.weight if blk.is_rwkv_block else None
                 if w is not None and w.is_contiguous():
