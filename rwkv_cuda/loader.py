@@ -41,12 +41,13 @@ _state: dict = {"tried": False, "module": None, "error": None, "log": None, "sec
 _warned_heads: set[int] = set()
 
 
-def cache_root() -> Path:
-    env = os.environ.get("KAGGLETRAIN_CUDA_CACHE")
+def cache_root(env_var: str = "KAGGLETRAIN_CUDA_CACHE", folder: str = "rwkv_cuda") -> Path:
+    """$env_var when set, else $XDG_CACHE_HOME (or ~/.cache) / kaggletrain / folder."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kaggletrain" / "rwkv_cuda"
+    return Path(base) / "kaggletrain" / folder
 
 
 def _arch() -> tuple[int, int]:
@@ -194,24 +195,28 @@ def _build() -> object:
     return module
 
 
+def build_once(state: dict, key: str, build, warn: bool, unavailable: str):
+    """state[key], running build() on the first call only (its error message goes to state["error"]).
+    When there is nothing to return, warn once per process, at the first call with warn=True, with
+    `unavailable` formatted with the error and the build log's path. Callers hold their own lock."""
+    if not state["tried"]:
+        state["tried"] = True
+        try:
+            state[key] = build()
+        except Exception as e:  # noqa: BLE001 - any failure means "use the fallback"
+            state["error"] = str(e) or type(e).__name__
+    if state[key] is None and warn and not state.get("warned"):
+        state["warned"] = True
+        where = f" Build log: {state['log']}" if state["log"] else ""
+        warnings.warn(unavailable.format(error=state["error"]) + where, RuntimeWarning, stacklevel=4)
+    return state[key]
+
+
 def load_extension(warn: bool = True):
     """The compiled module, building it on first call; None if it can't be built (one warning, once)."""
     with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                _state["module"] = _build()
-            except Exception as e:  # noqa: BLE001 - any failure means "use the fallback"
-                _state["error"] = str(e) or type(e).__name__
-                if warn:
-                    where = f" Build log: {_state['log']}" if _state["log"] else ""
-                    warnings.warn(
-                        f"rwkv_cuda: the CUDA WKV-7 kernel is unavailable ({_state['error']}); "
-                        f"using the PyTorch chunked WKV instead.{where}",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-        return _state["module"]
+        return build_once(_state, "module", _build, warn, "rwkv_cuda: the CUDA WKV-7 kernel is unavailable "
+                          "({error}); using the PyTorch chunked WKV instead.")
 
 
 def kernel_available(head_size: int) -> bool:

@@ -1,4 +1,4 @@
-"""The CPU WKV-7 decode-step kernel (kaggletrain/infer/wkv7_step_cpu.cpp): token-by-token steps equal the
+"""The CPU WKV-7 decode-step kernel (kaggletrain/infer/decode_cpu.cpp): token-by-token steps equal the
 plain sequential recurrence in float64; the build is cached, locked, shares torch's OpenMP runtime, and
 any failure falls back to PyTorch ops with one warning naming the build log."""
 
@@ -80,6 +80,29 @@ def test_in_place_equals_out_of_place_and_inputs_are_checked(lib):
         cpu_kernel.wkv7_step(S, vecs[0], vecs[1].double(), *vecs[2:], lib=lib)
 
 
+@needs_build
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 7, 8, 11, 16])
+@pytest.mark.parametrize("O,I", [(64, 48), (31, 40), (70, 13), (5, 8)])
+def test_linear_equals_float64_for_every_batch_tile(lib, B, O, I):
+    """Batch rows go through tiles of 8, 4, 2 and 1 and weight rows through blocks of 3 (8 rows),
+    8 or 4 (fewer rows) with the rest one at a time; I not a multiple of 8 takes the scalar tail."""
+    g = torch.Generator().manual_seed(B * 1000 + O * 10 + I)
+    x, w = torch.randn(B, I, generator=g), torch.randn(O, I, generator=g)
+    bias, add = torch.randn(O, generator=g), torch.randn(B, O, generator=g)
+    ref = x.double() @ w.double().t()
+    assert _rel(cpu_kernel.linear(x, w, lib=lib), ref) < 1e-6
+    assert _rel(cpu_kernel.linear(x, w, bias=bias, add=add, lib=lib), ref + bias.double() + add.double()) < 1e-6
+
+
+@needs_build
+def test_linear_checks_its_operands(lib):
+    x, w = torch.randn(2, 16), torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"w must be a contiguous float32 CPU tensor of shape \(4, 16\).*strided"):
+        cpu_kernel.linear(x, w.t().contiguous().t(), lib=lib)
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_kernel.linear(x, w, bias=torch.zeros(5), lib=lib)
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
@@ -101,7 +124,7 @@ def test_build_is_cached_across_processes_and_shares_torchs_openmp(tmp_path):
     n_runtimes, log = first.stdout.split()
     assert n_runtimes == "1"  # the kernel's OpenMP calls go to the runtime torch loaded, not a second one
     assert open(log).read().count("built in") == 1  # the second process loaded the cached library
-    assert len(list(tmp_path.glob("*/wkv7_step_cpu.so"))) == 1
+    assert len(list(tmp_path.glob("*/decode_cpu.so"))) == 1
     assert not list(tmp_path.glob("*/*.tmp.so"))
 
 
@@ -117,7 +140,7 @@ def test_a_broken_compiler_falls_back_with_one_warning(tmp_path):
             warnings.simplefilter("always")
             out = generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0)
             generate(model, [[4, 5]], max_new_tokens=3, temperature=0)
-        mine = [str(w.message) for w in caught if "CPU WKV decode kernel" in str(w.message)]
+        mine = [str(w.message) for w in caught if "CPU decode kernels" in str(w.message)]
         print(len(mine), len(out.tokens[0]), build_info()["loaded"])
         print(mine[0] if mine else "")
     """

@@ -262,11 +262,12 @@ def test_tokenizer_choice_follows_the_vocabulary():
 
 
 def test_train_after_optimize_for_inference_restores_contiguous_weights(monkeypatch):
-    """Without oneDNN, optimize_for_inference re-lays the FFN key weights for CPU decoding (MKL gemv);
-    .train() puts them back."""
+    """Without oneDNN and the compiled kernels, optimize_for_inference re-lays the FFN key weights for CPU
+    decoding (MKL gemv); .train() puts them back."""
     from kaggletrain.infer import cpu_linear
 
     monkeypatch.setattr(cpu_linear, "_ONEDNN", False)
+    monkeypatch.setenv("KAGGLETRAIN_DISABLE_CPU_KERNEL", "1")
     model = make_model()
     model.optimize_for_inference()
     assert not model.blocks[0].ffn.key.weight.is_contiguous()

@@ -68,7 +68,7 @@ def test_notebook_carries_kernelspec_config_and_package(pushed):
     assert hashlib.sha256(zipped).hexdigest() == s["KAGGLETRAIN_SHA256"]
     names = zipfile.ZipFile(io.BytesIO(zipped)).namelist()
     assert "kaggletrain/kaggle/kernel_runtime.py" in names and "kaggletrain/config.py" in names
-    assert "kaggletrain/__main__.py" in names and "kaggletrain/infer/wkv7_step_cpu.cpp" in names
+    assert "kaggletrain/__main__.py" in names and "kaggletrain/infer/decode_cpu.cpp" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".json", ".ipynb"))]
     # Training goes through a subprocess (torchrun for several GPUs), never in the notebook's process.
     code = "\n".join(c["source"] for c in nb["cells"] if c["cell_type"] == "code")

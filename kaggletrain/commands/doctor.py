@@ -89,7 +89,7 @@ def collect(build: bool = True) -> dict:
 
 
 def _cpu_decode_kernel(build: bool) -> dict:
-    """Build (or load) the CPU WKV decode-step kernel and check one step against PyTorch ops in float64."""
+    """Build (or load) the CPU decode kernels; check one WKV step and one product against float64."""
     if not build:
         return {"status": "not tried"}
     import time
@@ -113,8 +113,13 @@ def _cpu_decode_kernel(build: bool) -> dict:
         S64 = S.double()
         ref_S = S64 * d.double()[:, None] - (S64 @ kk.double()[..., None]) * b.double()[:, None] \
             + v.double()[..., None] * k.double()[:, None]
+        ref_y = (ref_S @ r.double()[..., None])[..., 0]
+        x, w, bias = torch.randn(11, 72, generator=g), torch.randn(37, 72, generator=g), torch.randn(37, generator=g)
+        ref_lin = x.double() @ w.double().t() + bias.double()
+        lin = cpu_kernel.linear(x, w, bias=bias, lib=lib)
         err = max(((S1.double() - ref_S).norm() / ref_S.norm()).item(),
-                  ((y.double() - (ref_S @ r.double()[..., None])[..., 0]).norm() / ref_S.norm()).item())
+                  ((y.double() - ref_y).norm() / ref_y.norm()).item(),
+                  ((lin.double() - ref_lin).norm() / ref_lin.norm()).item())
         out["self_check"] = {"max_rel_err": err, "passed": err < 1e-5}
         out["status"] = "ok" if err < 1e-5 else "SELF-CHECK FAILED"
     return out
@@ -165,5 +170,5 @@ def doctor(
         line += f": {c['error']}\nlog: {c['log']}"
     if "self_check" in c:
         line += f"\nfloat32 vs float64: max rel err {c['self_check']['max_rel_err']:.1e}"
-    table.add_row("CPU decode kernel", line)
+    table.add_row("CPU decode kernels", line)
     Console().print(table)

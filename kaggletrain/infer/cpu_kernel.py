@@ -1,6 +1,7 @@
-"""Build (once) and call the CPU WKV-7 decode-step kernel (`wkv7_step_cpu.cpp`), or say why not.
+"""Build (once) and call the CPU decode kernels (`decode_cpu.cpp`: the WKV-7 step and the small-batch
+linear product), or say why not.
 
-The kernel is plain C++ with AVX2/FMA intrinsics and an `extern "C"` interface, so it needs no torch
+The kernels are plain C++ with AVX2/FMA intrinsics and an `extern "C"` interface, so it needs no torch
 headers: the system C++ compiler builds it in about a second into a cache directory keyed by a hash of
 the source, the compiler's version and the flags, and `ctypes` loads it. It is compiled with -fopenmp and
 resolves its OpenMP symbols to the libgomp that torch has already loaded (same soname), so it shares
@@ -25,18 +26,20 @@ import shutil
 import subprocess
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).resolve().with_name("wkv7_step_cpu.cpp")
+from rwkv_cuda import loader
+from rwkv_cuda.loader import build_once, file_lock
+
+SOURCE = Path(__file__).resolve().with_name("decode_cpu.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
-ABI = 1
+ABI = 2
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "error": None, "log": None}
+_state: dict = {"tried": False, "lib": None, "error": None, "log": None, "warned": False}
 
 
 class CpuKernelError(RuntimeError):
@@ -44,11 +47,7 @@ class CpuKernelError(RuntimeError):
 
 
 def cache_root() -> Path:
-    env = os.environ.get("KAGGLETRAIN_CPU_KERNEL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kaggletrain" / "cpu_kernels"
+    return loader.cache_root("KAGGLETRAIN_CPU_KERNEL_CACHE", "cpu_kernels")
 
 
 def _compiler() -> str:
@@ -72,13 +71,11 @@ def _build() -> ctypes.CDLL:
     h.update("\0".join([cxx, version, *FLAGS, platform.machine()]).encode())
     build_dir = cache_root() / h.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
-    lib_path, log_path = build_dir / "wkv7_step_cpu.so", build_dir / "build.log"
+    lib_path, log_path = build_dir / "decode_cpu.so", build_dir / "build.log"
     _state["log"] = log_path
-    from rwkv_cuda.loader import file_lock
-
     with file_lock(build_dir / "build.lock"):
         if not lib_path.exists():
-            tmp = build_dir / f"wkv7_step_cpu.{os.getpid()}.tmp.so"
+            tmp = build_dir / f"decode_cpu.{os.getpid()}.tmp.so"
             cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp)]
             t0 = time.perf_counter()
             with open(log_path, "a") as log:
@@ -96,30 +93,23 @@ def _build() -> ctypes.CDLL:
                 log.write(f"built in {time.perf_counter() - t0:.1f} s\n")
             os.replace(tmp, lib_path)  # atomic: other processes see no library or a whole one
     lib = ctypes.CDLL(str(lib_path))
-    if lib.kt_wkv7_step_abi() != ABI:
-        raise CpuKernelError(f"{lib_path} reports interface {lib.kt_wkv7_step_abi()}, expected {ABI}")
-    fn = lib.kt_wkv7_step
-    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2
-    fn.restype = None
+    if lib.kt_decode_abi() != ABI:
+        raise CpuKernelError(f"{lib_path} reports interface {lib.kt_decode_abi()}, expected {ABI}")
+    lib.kt_wkv7_step.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2
+    lib.kt_wkv7_step.restype = None
+    lib.kt_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    lib.kt_linear.restype = None
     return lib
 
 
 def step_kernel(warn: bool = True) -> Optional[ctypes.CDLL]:
-    """The loaded library, building it on first call; None when disabled or unavailable (one warning)."""
+    """The loaded library, building it on first call; None when disabled or unavailable (then one warning
+    per process, on the first call with warn=True)."""
     if os.environ.get("KAGGLETRAIN_DISABLE_CPU_KERNEL", "") not in ("", "0"):
         return None
     with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                _state["lib"] = _build()
-            except Exception as e:  # noqa: BLE001 - any failure means "use the PyTorch ops"
-                _state["error"] = str(e) or type(e).__name__
-                if warn:
-                    where = f" Build log: {_state['log']}" if _state["log"] else ""
-                    warnings.warn(f"kaggletrain: the CPU WKV decode kernel is unavailable ({_state['error']}); "
-                                  f"decoding uses PyTorch ops instead.{where}", RuntimeWarning, stacklevel=3)
-        return _state["lib"]
+        return build_once(_state, "lib", _build, warn, "kaggletrain: the CPU decode kernels are unavailable "
+                          "({error}); decoding uses PyTorch ops instead.")
 
 
 def supports(S: torch.Tensor) -> bool:
@@ -135,7 +125,7 @@ def wkv7_step(S: torch.Tensor, d: torch.Tensor, kk: torch.Tensor, b: torch.Tenso
     `out` receives S' (it may be S itself). `lib`: the loaded kernel (default: `step_kernel()`)."""
     lib = lib or step_kernel()
     if lib is None:
-        raise CpuKernelError(f"the CPU WKV decode kernel is unavailable: {_state['error']}")
+        raise CpuKernelError(f"the CPU decode kernels are unavailable: {_state['error']}")
     BH, N, _ = S.shape
     if not supports(S) or S.shape != (BH, N, N):
         raise ValueError(f"state must be float32 [BH, N, N] on CPU with N % 8 == 0, got {S.dtype} "
@@ -151,6 +141,25 @@ def wkv7_step(S: torch.Tensor, d: torch.Tensor, kk: torch.Tensor, b: torch.Tenso
     y = torch.empty(BH, N)
     lib.kt_wkv7_step(S.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in vecs), y.data_ptr(), BH, N)
     return y, out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           add: Optional[torch.Tensor] = None, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """x [B, I] @ w [O, I]^T (+ bias [O]) (+ add [B, O]) -> [B, O], float32 on CPU, contiguous operands."""
+    lib = lib or step_kernel()
+    if lib is None:
+        raise CpuKernelError(f"the CPU decode kernels are unavailable: {_state['error']}")
+    B, I = x.shape
+    O = w.shape[0]
+    for name, t, shape in (("x", x, (B, I)), ("w", w, (O, I)), ("bias", bias, (O,)), ("add", add, (B, O))):
+        if t is not None and (t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu"
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor of shape {shape}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (strided)"))
+    y = torch.empty(B, O)
+    lib.kt_linear(w.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                  None if add is None else add.data_ptr(), y.data_ptr(), O, I, B)
+    return y
 
 
 def build_info() -> dict:

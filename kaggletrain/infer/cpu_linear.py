@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kaggletrain.infer.cpu_kernel import step_kernel
+
 _ONEDNN: Optional[bool] = None
 
 
@@ -55,6 +57,11 @@ class TorchProducts:
         """res + x W^T."""
         return torch.addmm(res, x, w.t())
 
+    def small(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x W^T (+ bias) for the LoRA products (w [out, in], often a transposed view). oneDNN's fixed
+        cost per call (~40 us) exceeds these products' work, so both oneDNN forms keep MKL for them."""
+        return F.linear(x, w) if bias is None else torch.addmm(bias, x, w.t())
+
 
 class OneDNNRows(TorchProducts):
     """x W^T through oneDNN (batch 1 on a CPU)."""
@@ -75,14 +82,53 @@ class OneDNNCols(OneDNNRows):
         return torch.ops.mkldnn._linear_pointwise(w, x, None, "none", [], "").t()
 
 
+class KernelProducts(TorchProducts):
+    """The compiled small-batch product (`kt_linear` in decode_cpu.cpp) where it measured fastest, the
+    `fallback` form elsewhere. Measured per product on the benchmark VM (float32, 2 threads, cold
+    weights): the kernel is fastest for every product at batch 1 and for the LoRA products at any batch
+    (2-3x: no library overhead). At batch 8 it beats oneDNN's column form for weights no taller than
+    wide (768 x 768: 0.24 against 0.26 ms; 768 x 3072: 0.75 against 0.95 ms) but not for tall ones
+    (3072 x 768: 1.00 against 0.83 ms; the 65536 x 768 head: 19 against 14 ms), hence the shape rule."""
+
+    def __init__(self, lib, fallback: TorchProducts, batch: int):
+        self.lib, self.fallback, self.batch = lib, fallback, batch
+
+    def _run(self, x, w, bias, add):
+        x = x.contiguous()
+        B, I = x.shape
+        O = w.shape[0]
+        y = torch.empty(B, O)
+        self.lib.kt_linear(w.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                           None if add is None else add.data_ptr(), y.data_ptr(), O, I, B)
+        return y
+
+    def _takes(self, w):
+        return w.is_contiguous() and (self.batch == 1 or w.shape[0] <= w.shape[1])
+
+    def __call__(self, x, w):
+        return self._run(x, w, None, None) if self._takes(w) else self.fallback(x, w)
+
+    def add(self, res, x, w):
+        if self._takes(w) and res.is_contiguous():
+            return self._run(x, w, None, res)
+        return self.fallback.add(res, x, w)
+
+    def small(self, x, w, bias=None):
+        if w.is_contiguous() and (bias is None or bias.is_contiguous()):
+            return self._run(x, w, bias, None)
+        return self.fallback.small(x, w, bias)
+
+
 def products_for(batch: int, device: torch.device, dtype: torch.dtype) -> TorchProducts:
     """The product form for a decode step of `batch` rows whose activations and weights have `dtype`."""
-    if device.type != "cpu" or dtype != torch.float32 or not onednn_ok():
+    if device.type != "cpu" or dtype != torch.float32:
         return TorchProducts()
-    return OneDNNRows() if batch == 1 else OneDNNCols()
+    base = (OneDNNRows() if batch == 1 else OneDNNCols()) if onednn_ok() else TorchProducts()
+    lib = step_kernel()
+    return KernelProducts(lib, base, batch) if lib is not None else base
 
 
 def weights_prefer_transposed() -> bool:
-    """Whether a CPU decode step streams the FFN key faster stored as [C, 4C] (MKL gemv, no oneDNN here);
-    oneDNN wants the parameter's own [4C, C] layout (the column form needs it)."""
-    return not onednn_ok()
+    """Whether a CPU decode step streams the FFN key faster stored as [C, 4C] (MKL gemv: neither oneDNN
+    nor the compiled kernel here); both of those want the parameter's own [4C, C] layout."""
+    return not onednn_ok() and step_kernel(warn=False) is None

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kaggletrain.infer.cpu_kernel import step_kernel
-from kaggletrain.infer.cpu_linear import OneDNNRows, TorchProducts, products_for
+from kaggletrain.infer.cpu_linear import KernelProducts, OneDNNCols, OneDNNRows, TorchProducts, products_for
 from kaggletrain.infer.runner import head_logits
 from kaggletrain.model.state import ModelState
 from kaggletrain.ops.decay import DECAY_SCALE
@@ -40,7 +40,7 @@ def _flat(p: torch.Tensor) -> torch.Tensor:
 class _Layer:
     """References to one RWKV-7 block's parameters in the shapes the step uses."""
 
-    def __init__(self, blk):
+    def __init__(self, blk, lora_copies: bool = False):
         att, ffn = blk.att, blk.ffn
         self.first = att.first_rwkv
         self.H, self.N = att.n_head, att.head_size
@@ -52,10 +52,13 @@ class _Layer:
         self.mix = torch.cat([att.x_r, att.x_k, att.x_w, att.x_a, att.x_v, att.x_g], 0).detach()  # [6, 1, C]
         self.Wr, self.Wk, self.Wv, self.Wo = (att.receptance.weight, att.key.weight, att.value.weight,
                                               att.output.weight)
-        self.w0, self.w1, self.w2 = _flat(att.w0), att.w1, att.w2
-        self.a0, self.a1, self.a2 = _flat(att.a0), att.a1, att.a2
-        self.v0, self.v1, self.v2 = _flat(att.v0), att.v1, att.v2
-        self.g1, self.g2 = att.g1, att.g2
+        # LoRA matrices as [out, in] (F.linear's layout): views, or contiguous copies for the compiled
+        # product (lora_copies; 0.9 MB per layer at C=768).
+        t = (lambda p: p.detach().t().contiguous()) if lora_copies else (lambda p: p.t())  # noqa: E731
+        self.w0, self.w1, self.w2 = _flat(att.w0), t(att.w1), t(att.w2)
+        self.a0, self.a1, self.a2 = _flat(att.a0), t(att.a1), t(att.a2)
+        self.v0, self.v1, self.v2 = _flat(att.v0), t(att.v1), t(att.v2)
+        self.g1, self.g2 = t(att.g1), t(att.g2)
         self.k_k, self.k_a, self.r_k = _flat(att.k_k), _flat(att.k_a), _flat(att.r_k)
         self.one_minus_k_a = (1 - self.k_a).detach()
         self.f_mix = _flat(ffn.x_k)
@@ -73,16 +76,17 @@ class _Layer:
         r = mm(xr, self.Wr).contiguous()  # contiguous rows for the per-head views below
         k = mm(xk, self.Wk).contiguous()
         v = mm(xv, self.Wv).contiguous()
+        lora = mm.small
         if self.half:  # the decay logit is summed in float32 (spec pitfalls: decay precision)
-            w = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()
+            w = self.w0.float() + lora(torch.tanh(lora(xw, self.w1)), self.w2).float()
         else:
-            w = torch.addmm(self.w0, torch.tanh(xw @ self.w1), self.w2)
-        a = torch.sigmoid(torch.addmm(self.a0, xa @ self.a1, self.a2))
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+            w = lora(torch.tanh(lora(xw, self.w1)), self.w2, self.w0)
+        a = torch.sigmoid(lora(lora(xa, self.a1), self.a2, self.a0))
+        g = lora(torch.sigmoid(lora(xg, self.g1)), self.g2)
         if self.first:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(self.v0, xv @ self.v1, self.v2)))
+            v = torch.lerp(v, v_first, torch.sigmoid(lora(lora(xv, self.v1), self.v2, self.v0)))
         kk = F.normalize((k * self.k_k).float().view(B, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * torch.addcmul(self.one_minus_k_a, a, self.k_a)   # k * (1 + (a - 1) * k_a)
 
@@ -93,7 +97,7 @@ class _Layer:
         rf, kf, vf = r.float().view(BH, N), k.float().view(BH, N), v.float().view(BH, N)
         kkf = kk.view(BH, N)
         bf = kkf * a.float().view(BH, N)
-        if kernel is not None:  # one pass over the state (kaggletrain/infer/wkv7_step_cpu.cpp)
+        if kernel is not None:  # one pass over the state (kaggletrain/infer/decode_cpu.cpp)
             Sf = Sf.contiguous()
             S_new, y = torch.empty_like(Sf), torch.empty(BH, N)
             kernel.kt_wkv7_step(Sf.data_ptr(), S_new.data_ptr(), d.data_ptr(), kkf.data_ptr(), bf.data_ptr(),
@@ -133,14 +137,18 @@ class DecodeStep:
 
     def __init__(self, model):
         self.model = model
-        self.layers = [_Layer(b) if b.is_rwkv_block else None for b in model.blocks]
+        w = model.head.weight
+        copies = w.device.type == "cpu" and w.dtype == torch.float32 and step_kernel() is not None
+        self.layers = [_Layer(b, copies) if b.is_rwkv_block else None for b in model.blocks]
 
     def _logits(self, x: torch.Tensor, mm: TorchProducts) -> torch.Tensor:
         head = self.model.head
-        plain_cpu = head.bias is None and x.device.type == "cpu"
-        if plain_cpu and x.shape[0] > 1 and isinstance(mm, OneDNNRows):  # oneDNN column form
-            return mm(self.model.ln_out(x), head.weight).float()  # a transposed view: see cpu_linear.py
-        if not plain_cpu or x.shape[0] > 1:
+        if head.bias is not None or x.device.type != "cpu":
+            return head_logits(self.model, x)
+        if x.shape[0] > 1:
+            form = mm.fallback if isinstance(mm, KernelProducts) else mm  # the head is too big for the kernel
+            if isinstance(form, OneDNNCols):
+                return form(self.model.ln_out(x), head.weight).float()  # a transposed view: see cpu_linear.py
             return head_logits(self.model, x)
         h = self.model.ln_out(x)
         # Batch 1 on CPU: the V x C head streams fastest from a [C, V] copy (long contiguous rows), in
@@ -154,6 +162,8 @@ class DecodeStep:
             cached = (key, w.detach().t().contiguous())
             self.model._decode_head_t = cached  # a plain attribute: not a parameter, buffer or state entry
         wt = cached[1]
+        if isinstance(mm, KernelProducts):
+            mm = mm.fallback
         return (mm(h, wt.t()) if isinstance(mm, OneDNNRows) else h @ wt).float()
 
     @torch.no_grad()

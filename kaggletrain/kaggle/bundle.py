@@ -18,7 +18,7 @@ from pathlib import Path
 
 # What each shipped package may contribute; everything else (caches, checkpoints, notebooks, JSON) stays home.
 _SUFFIXES = {
-    "kaggletrain": {".py", ".typed", ".cpp"},  # .cpp: the CPU WKV decode kernel (infer/wkv7_step_cpu.cpp)
+    "kaggletrain": {".py", ".typed", ".cpp"},  # .cpp: the CPU decode kernels (infer/decode_cpu.cpp)
     "rwkv_cuda": {".py", ".cu", ".cpp", ".h", ".cuh"},
 }
 _ASSET_DIR = ("data", "assets")  # kaggletrain/data/assets: built-in corpus and tokenizer files
