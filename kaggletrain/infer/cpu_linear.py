@@ -1,16 +1,16 @@
-"""The matrix products of a CPU decode step: which library and which operand order.
+"""The matrix products of a CPU decode step: which code computes x W^T.
 
 A decode step multiplies a few activation rows (the batch) by every weight matrix once, so its speed is
-set by how a library's small-M kernels stream the weights. Measured on an AMD EPYC VM with torch 2.13
+set by how well a small-M product streams the weights. Measured on an AMD EPYC VM with torch 2.13
 (float32, 2 threads, weights cold in cache; benchmarks/bench_infer_cpu.py for the whole step):
 
-  - batch 1: oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`, the op TorchInductor's CPU
-    backend emits) streams weights faster than MKL's gemv (F.linear) for every shape here; for the
-    65536 x 768 head it is fastest from a [C, V] copy.
-  - batch > 1: MKL's small-M sgemm takes a generic, non-AVX2 path on AMD CPUs, and even oneDNN's x W^T
-    runs at about a third of peak. Putting the large weight on the left, (W x^T)^T, lets oneDNN's kernel
-    block over the weight's rows and is 1.3-1.7x faster again (for the head: 14-18 ms against 23-27 ms
-    at batch 8).
+  - the compiled kernel (`kt_linear`, decode_cpu.cpp, loaded by cpu_kernel.py) is fastest for every
+    product of the step at batch 1 and at batch 8 (KernelProducts has the numbers);
+  - without it, oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`, the op TorchInductor's CPU
+    backend emits) beats MKL: x W^T at batch 1, and at batch > 1 the column form (W x^T)^T, which lets
+    oneDNN block over the weight's rows (1.3-1.7x faster than x W^T; MKL's small-M sgemm takes a
+    generic, non-AVX2 path on AMD CPUs);
+  - without either, F.linear.
 
 `products_for` picks the form; every form computes x W^T for x [B, in] and a weight [out, in] of any
 strides (results differ only by summation order), and may return a non-contiguous [B, out].
@@ -83,12 +83,12 @@ class OneDNNCols(OneDNNRows):
 
 
 class KernelProducts(TorchProducts):
-    """The compiled small-batch product (`kt_linear` in decode_cpu.cpp) where it measured fastest, the
-    `fallback` form elsewhere. Measured per product on the benchmark VM (float32, 2 threads, cold
-    weights): the kernel is fastest for every product at batch 1 and for the LoRA products at any batch
-    (2-3x: no library overhead). At batch 8 it beats oneDNN's column form for weights no taller than
-    wide (768 x 768: 0.24 against 0.26 ms; 768 x 3072: 0.75 against 0.95 ms) but not for tall ones
-    (3072 x 768: 1.00 against 0.83 ms; the 65536 x 768 head: 19 against 14 ms), hence the shape rule."""
+    """The compiled small-batch product (`kt_linear` in decode_cpu.cpp), `fallback`'s form for weights it
+    can't take (strided). Measured per product on the benchmark VM (float32, 2 threads, cold weights)
+    against the best oneDNN form: batch 1, 768 x 768 0.14 against 0.25 ms, 3072 x 768 0.52 against 0.61,
+    768 x 3072 0.42 against 0.54; batch 8 (with prefetch), 0.22 against 0.23-0.33, 0.76 against
+    0.83-1.25, 0.73 against 1.06-1.51, and the 65536 x 768 head 16.4 against 16.5; the LoRA products
+    2-3x faster than MKL at either batch (no per-call library overhead)."""
 
     def __init__(self, lib, fallback: TorchProducts, batch: int):
         self.lib, self.fallback, self.batch = lib, fallback, batch
@@ -102,14 +102,11 @@ class KernelProducts(TorchProducts):
                            None if add is None else add.data_ptr(), y.data_ptr(), O, I, B)
         return y
 
-    def _takes(self, w):
-        return w.is_contiguous() and (self.batch == 1 or w.shape[0] <= w.shape[1])
-
     def __call__(self, x, w):
-        return self._run(x, w, None, None) if self._takes(w) else self.fallback(x, w)
+        return self._run(x, w, None, None) if w.is_contiguous() else self.fallback(x, w)
 
     def add(self, res, x, w):
-        if self._takes(w) and res.is_contiguous():
+        if w.is_contiguous() and res.is_contiguous():
             return self._run(x, w, None, res)
         return self.fallback.add(res, x, w)
 

@@ -146,9 +146,8 @@ class DecodeStep:
         if head.bias is not None or x.device.type != "cpu":
             return head_logits(self.model, x)
         if x.shape[0] > 1:
-            form = mm.fallback if isinstance(mm, KernelProducts) else mm  # the head is too big for the kernel
-            if isinstance(form, OneDNNCols):
-                return form(self.model.ln_out(x), head.weight).float()  # a transposed view: see cpu_linear.py
+            if isinstance(mm, (KernelProducts, OneDNNCols)):  # OneDNNCols: a transposed view (cpu_linear.py)
+                return mm(self.model.ln_out(x), head.weight).float()
             return head_logits(self.model, x)
         h = self.model.ln_out(x)
         # Batch 1 on CPU: the V x C head streams fastest from a [C, V] copy (long contiguous rows), in
