@@ -1,5 +1,5 @@
 """`kaggletrain doctor`: what this machine offers (GPU, bf16, CUDA toolchain, the WKV CUDA kernel, the CPU
-decode kernel)."""
+decode kernels)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def _cpu_decode_kernel(build: bool) -> dict:
 
 @app.command("doctor")
 def doctor(
-    build: bool = typer.Option(True, "--build/--no-build", help="Build (or load) the CUDA WKV kernel and self-check it."),
+    build: bool = typer.Option(True, "--build/--no-build",
+                               help="Build (or load) the CUDA WKV kernel and the CPU decode kernels; self-check them."),
     json_out: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
     """Report the GPU, compute capability, native bf16, nvcc/ninja, torch/CUDA versions and the WKV kernel."""

@@ -135,11 +135,20 @@ def wkv7_step(S: torch.Tensor, d: torch.Tensor, kk: torch.Tensor, b: torch.Tenso
         if t.shape != (BH, N) or t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"{name} must be float32 [{BH}, {N}] on CPU, got {t.dtype} {tuple(t.shape)}")
     S = S.contiguous()
-    out = torch.empty_like(S) if out is None else out
-    if out.shape != S.shape or not out.is_contiguous() or out.dtype != torch.float32:
+    if out is not None and (out.shape != S.shape or not out.is_contiguous() or out.dtype != torch.float32):
         raise ValueError("out must be a contiguous float32 tensor shaped like the state")
+    return wkv7_step_unchecked(lib, S, *vecs, out=out)
+
+
+def wkv7_step_unchecked(lib: ctypes.CDLL, S: torch.Tensor, d, kk, b, k, r, v,
+                        out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wkv7_step` without its checks, for the decode step's hot loop: every tensor must already be a
+    contiguous float32 CPU tensor of the right shape (the kernel reads raw pointers)."""
+    BH, N, _ = S.shape
+    out = torch.empty_like(S) if out is None else out
     y = torch.empty(BH, N)
-    lib.kt_wkv7_step(S.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in vecs), y.data_ptr(), BH, N)
+    lib.kt_wkv7_step(S.data_ptr(), out.data_ptr(), d.data_ptr(), kk.data_ptr(), b.data_ptr(), k.data_ptr(),
+                     r.data_ptr(), v.data_ptr(), y.data_ptr(), BH, N)
     return y, out
 
 
@@ -156,6 +165,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
                               or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 CPU tensor of shape {shape}, got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (strided)"))
+    return linear_unchecked(lib, x, w, bias, add)
+
+
+def linear_unchecked(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`linear` without its checks, for the decode step's hot loop: operands must already be contiguous
+    float32 CPU tensors of matching shapes (the kernel reads raw pointers)."""
+    B, I = x.shape
+    O = w.shape[0]
     y = torch.empty(B, O)
     lib.kt_linear(w.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
                   None if add is None else add.data_ptr(), y.data_ptr(), O, I, B)

@@ -11,8 +11,8 @@ CPU a [C, V] transpose of the head, see `DecodeStep._logits`):
   - the WKV step in one pass over the state on a CPU (a small compiled kernel,
     kaggletrain/infer/cpu_kernel.py), else in four passes of PyTorch ops (see `_Layer.step`);
   - residual adds folded into the output projections;
-  - float32 weight products on a CPU through oneDNN, in the operand order that suits the batch size
-    (kaggletrain/infer/cpu_linear.py).
+  - float32 weight products on a CPU through a compiled small-batch kernel, else oneDNN in the operand
+    order that suits the batch size (kaggletrain/infer/cpu_linear.py).
 
 Attention blocks (hybrids) use the model's own block code. Rows whose `attention_mask` is 0 keep their
 previous state exactly (torch.where), as in the model. Results equal the model's to float rounding
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kaggletrain.infer.cpu_kernel import step_kernel
+from kaggletrain.infer.cpu_kernel import step_kernel, supports, wkv7_step_unchecked
 from kaggletrain.infer.cpu_linear import KernelProducts, OneDNNCols, OneDNNRows, TorchProducts, products_for
 from kaggletrain.infer.runner import head_logits
 from kaggletrain.model.state import ModelState
@@ -97,11 +97,8 @@ class _Layer:
         rf, kf, vf = r.float().view(BH, N), k.float().view(BH, N), v.float().view(BH, N)
         kkf = kk.view(BH, N)
         bf = kkf * a.float().view(BH, N)
-        if kernel is not None:  # one pass over the state (kaggletrain/infer/decode_cpu.cpp)
-            Sf = Sf.contiguous()
-            S_new, y = torch.empty_like(Sf), torch.empty(BH, N)
-            kernel.kt_wkv7_step(Sf.data_ptr(), S_new.data_ptr(), d.data_ptr(), kkf.data_ptr(), bf.data_ptr(),
-                                kf.data_ptr(), rf.data_ptr(), vf.data_ptr(), y.data_ptr(), BH, N)
+        if kernel is not None and supports(Sf):  # one pass over the state (kaggletrain/infer/decode_cpu.cpp)
+            y, S_new = wkv7_step_unchecked(kernel, Sf.contiguous(), d, kkf, bf, kf, rf, vf)
         else:
             # y expands to S (d*r) + (S a_in)(b.r) + v (k.r), so two row-wise dot products with S give
             # both S-products and S' is one multiply plus one in-place batched matmul-add: four passes
@@ -131,8 +128,8 @@ class DecodeStep:
 
     Built once per generation (cheap: views of the parameters). Accepts and returns `ModelState`, so it
     interleaves freely with `run_last` (prefill) and with states saved to files. At batch > 1 on a CPU
-    the logits are a transposed view of a [V, B] buffer (copying it back would cost ~2 ms per step at
-    V = 65536); call .contiguous() where rows must be contiguous.
+    without the compiled kernels, the logits are a transposed view of oneDNN's [V, B] result (copying it
+    back would cost ~2 ms per step at V = 65536); call .contiguous() where rows must be contiguous.
     """
 
     def __init__(self, model):
@@ -179,8 +176,8 @@ class DecodeStep:
         keep_old = None if mask is None else ~mask.bool()
         v_first = None
         new_states = []
-        # float32 CPU steps go through oneDNN, in the operand order that suits the batch size
-        # (kaggletrain/infer/cpu_linear.py); anything else through F.linear.
+        # float32 CPU products go through the compiled kernel or oneDNN (kaggletrain/infer/cpu_linear.py);
+        # anything else through F.linear. The WKV kernel also serves half-precision weights (float32 state).
         dtype = x.dtype if model.head.weight.dtype == x.dtype else model.head.weight.dtype
         mm = products_for(B, x.device, dtype)
         kernel = step_kernel() if x.device.type == "cpu" else None
@@ -196,8 +193,7 @@ class DecodeStep:
                 if st[0] is None:
                     C, H, N = cfg.hidden_size, lay.H, lay.N
                     st = (x.new_zeros(B, C), torch.zeros(B, H, N, N, device=x.device), x.new_zeros(B, C))
-            x, v_first, st_new = lay.step(x, v_first, *st, mm=mm,
-                                            kernel=kernel if lay.N % 8 == 0 else None)
+            x, v_first, st_new = lay.step(x, v_first, *st, mm=mm, kernel=kernel)
             if keep_old is not None:  # finished rows: state untouched, exactly
                 st_new = tuple(torch.where(keep_old.view(-1, *([1] * (n.dim() - 1))), o.to(n.dtype), n)
                                for o, n in zip(st, st_new))
