@@ -142,19 +142,28 @@ def test_a_broken_compiler_falls_back_with_one_warning(tmp_path):
             generate(model, [[4, 5]], max_new_tokens=3, temperature=0)
         mine = [str(w.message) for w in caught if "CPU decode kernels" in str(w.message)]
         print(len(mine), len(out.tokens[0]), build_info()["loaded"])
+        from kaggletrain.infer.cpu_kernel import CpuKernelError, linear
+        try:
+            linear(torch.randn(2, 8), torch.randn(3, 8))
+        except CpuKernelError as e:
+            print(e)
         print(mine[0] if mine else "")
     """
     res = _run(code, KAGGLETRAIN_CPU_KERNEL_CACHE=str(tmp_path), CXX="false")
     assert res.returncode == 0, res.stderr
-    counts, message = res.stdout.strip().split("\n", 1)
+    counts, error, message = res.stdout.strip().split("\n", 2)
     assert counts.split() == ["1", "3", "False"]
+    assert error.startswith("the CPU decode kernels are unavailable: ")
     if CAN_BUILD:  # elsewhere the reason is the machine, before any compiler runs
         assert "false exited with status 1" in message and "build.log" in message
+        assert error.endswith("false exited with status 1")
 
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("KAGGLETRAIN_DISABLE_CPU_KERNEL", "1")
     assert cpu_kernel.step_kernel() is None
+    with pytest.raises(cpu_kernel.CpuKernelError, match="unavailable: KAGGLETRAIN_DISABLE_CPU_KERNEL is set"):
+        cpu_kernel.linear(torch.randn(2, 8), torch.randn(3, 8))
 
 
 def test_doctor_reports_both_kernels(tmp_path):

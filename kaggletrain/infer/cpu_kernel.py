@@ -102,10 +102,23 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _disabled() -> bool:
+    return os.environ.get("KAGGLETRAIN_DISABLE_CPU_KERNEL", "") not in ("", "0")
+
+
+def _require(lib: Optional[ctypes.CDLL]) -> ctypes.CDLL:
+    """`lib`, else the loaded library, else a CpuKernelError that says why there is none."""
+    lib = lib or step_kernel()
+    if lib is None:
+        why = "KAGGLETRAIN_DISABLE_CPU_KERNEL is set" if _disabled() else _state["error"]
+        raise CpuKernelError(f"the CPU decode kernels are unavailable: {why}")
+    return lib
+
+
 def step_kernel(warn: bool = True) -> Optional[ctypes.CDLL]:
     """The loaded library, building it on first call; None when disabled or unavailable (then one warning
     per process, on the first call with warn=True)."""
-    if os.environ.get("KAGGLETRAIN_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+    if _disabled():
         return None
     with _lock:
         return build_once(_state, "lib", _build, warn, "kaggletrain: the CPU decode kernels are unavailable "
@@ -123,9 +136,7 @@ def wkv7_step(S: torch.Tensor, d: torch.Tensor, kk: torch.Tensor, b: torch.Tenso
     """One step for every head: S [BH, N, N]; d, kk, b, k, r, v [BH, N] (float32).
     Returns (y [BH, N], S' [BH, N, N]) with S' = S diag(d) - (S kk) b^T + v k^T and y = S' r.
     `out` receives S' (it may be S itself). `lib`: the loaded kernel (default: `step_kernel()`)."""
-    lib = lib or step_kernel()
-    if lib is None:
-        raise CpuKernelError(f"the CPU decode kernels are unavailable: {_state['error']}")
+    lib = _require(lib)
     BH, N, _ = S.shape
     if not supports(S) or S.shape != (BH, N, N):
         raise ValueError(f"state must be float32 [BH, N, N] on CPU with N % 8 == 0, got {S.dtype} "
@@ -155,9 +166,7 @@ def wkv7_step_unchecked(lib: ctypes.CDLL, S: torch.Tensor, d, kk, b, k, r, v,
 def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
            add: Optional[torch.Tensor] = None, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
     """x [B, I] @ w [O, I]^T (+ bias [O]) (+ add [B, O]) -> [B, O], float32 on CPU, contiguous operands."""
-    lib = lib or step_kernel()
-    if lib is None:
-        raise CpuKernelError(f"the CPU decode kernels are unavailable: {_state['error']}")
+    lib = _require(lib)
     B, I = x.shape
     O = w.shape[0]
     for name, t, shape in (("x", x, (B, I)), ("w", w, (O, I)), ("bias", bias, (O,)), ("add", add, (B, O))):
