@@ -25,6 +25,7 @@ T4_MEMORY_GB = 16.0
 # Optimizer-state bytes per trainable parameter: fp32 weight + grad + AdamW exp_avg + exp_avg_sq.
 BYTES_PER_TRAINABLE = 16
 BYTES_PER_FROZEN = 4
+BUSY_CPU_SHARE = 0.7
 
 
 def _rss_peak_bytes() -> int:
@@ -61,12 +62,13 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         device = trainer.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, losses = [], []
+        times, cpu_times, losses = [], [], []
         oom = None
         try:
             for _ in range(steps):
                 res = trainer.train_step()
                 times.append(res.seconds)
+                cpu_times.append(res.cpu_seconds)
                 losses.append(res.loss)
         except torch.cuda.OutOfMemoryError as e:  # only on GPU
             oom = str(e).splitlines()[0]
@@ -78,7 +80,7 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         t0 = time.perf_counter()
         val = trainer.evaluate(max_batches=1)
         eval_batch_s = time.perf_counter() - t0
-        report = _report(cfg, trainer, times[warmup:], losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s,
+        report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s,
                          val, oom, resolve_impl)
         if oom and device.type == "cuda":
             report["suggestion"] = _search_fitting_batch(cfg, trainer)
@@ -88,13 +90,14 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         tmp.cleanup()
 
 
-def _report(cfg, trainer, times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom, resolve_impl):
+def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom, resolve_impl):
     t, model, device = cfg.train, trainer.model, trainer.device
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = t.batch_size * t.seq_len
     step_s = statistics.median(times) if times else float("nan")
     spread = (min(times), max(times)) if times else (float("nan"), float("nan"))
+    cpu_s = statistics.median(cpu_times) if cpu_times else float("nan")
     n_evals = (t.max_steps // t.eval_interval) if t.eval_interval else 0
     n_ckpts = (t.max_steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0) + 1
     projected_s = t.max_steps * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
@@ -116,6 +119,11 @@ def _report(cfg, trainer, times, losses, peak, rss_before, setup_s, ckpt_s, eval
                             f"micro_batch_size would use the GPU better")
     if t.seq_len % 16:
         warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
+    if device.type == "cpu" and cpu_s < BUSY_CPU_SHARE * step_s:
+        # Even one thread keeps a core busy for the whole step; far less CPU than wall time means other
+        # processes took the cores, and the projection is as slow as this moment's machine.
+        warnings.append(f"the step used {cpu_s / step_s:.0%} of a core per wall second: other processes are "
+                        f"competing for the CPU, so the projected time is pessimistic")
     if device.type == "cpu" and t.precision in ("fp16", "bf16"):
         warnings.append(f"{t.precision} on CPU is emulated and usually slower than fp32")
     return {
@@ -127,6 +135,7 @@ def _report(cfg, trainer, times, losses, peak, rss_before, setup_s, ckpt_s, eval
         "tokens_per_step": tokens_per_step,
         "step_time_s": step_s,
         "step_time_spread_s": list(spread),
+        "step_cpu_time_s": cpu_s,
         "tokens_per_s": tokens_per_step / step_s if step_s and math.isfinite(step_s) else None,
         "measured_steps": len(times),
         "peak_memory_bytes": int(peak),

@@ -43,6 +43,7 @@ class StepResult:
     tokens: int
     seconds: float
     skipped: bool = False
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): wall >> CPU means a busy machine
 
 
 @dataclass
@@ -309,7 +310,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         t = self.cfg.train
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = lr_at(self.step, lr=t.lr, min_lr=t.final_lr(), warmup=t.warmup_steps, total=t.max_steps,
                    schedule=t.lr_schedule)
         set_lr(self.optimizer, lr)
@@ -350,7 +351,8 @@ class Trainer:
         self.step += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StepResult(loss_val, lr, x.numel() * self.dist.world_size, time.perf_counter() - t0, skipped)
+        return StepResult(loss_val, lr, x.numel() * self.dist.world_size, time.perf_counter() - t0, skipped,
+                          time.process_time() - c0)
 
     @torch.no_grad()
     def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
@@ -443,7 +445,8 @@ class Trainer:
                     if math.isfinite(res.loss):
                         train_loss = res.loss
                     record = {"step": self.step, "loss": res.loss, "lr": res.lr, "tokens_per_s": round(tps, 1),
-                              "step_s": round(res.seconds, 4), "skipped": res.skipped}
+                              "step_s": round(res.seconds, 4), "step_cpu_s": round(res.cpu_seconds, 4),
+                              "skipped": res.skipped}
                     do_eval = not self._stop_agreed and (
                         self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
                     if do_eval:  # every rank evaluates its share; rank 0 logs
