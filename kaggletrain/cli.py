@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from kaggletrain.errors import KaggletrainError
+from kaggletrain.errors import KaggletrainError, RankFailed
 
 app = typer.Typer(
     name="kaggletrain",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except KaggletrainError as e:
         if debug:
             raise
-        if type(e).__name__ == "RankFailed" and os.environ.get("RANK", "0") != "0":
+        if isinstance(e, RankFailed) and os.environ.get("RANK", "0") != "0":
             return 2  # another rank's error, which rank 0 prints
         err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         return 2

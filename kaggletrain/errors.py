@@ -24,3 +24,7 @@ class CheckpointError(KaggletrainError):
 
 class KaggleError(KaggletrainError):
     """Kaggle metadata, credentials or API failure."""
+
+
+class RankFailed(KaggletrainError):
+    """Under torchrun: another rank's user error, raised on this rank too (the CLI prints it on rank 0 only)."""

@@ -90,8 +90,8 @@ class KernelProducts(TorchProducts):
     0.83-1.25, 0.73 against 1.06-1.51, and the 65536 x 768 head 16.4 against 16.5; the LoRA products
     2-3x faster than MKL at either batch (no per-call library overhead)."""
 
-    def __init__(self, lib, fallback: TorchProducts, batch: int):
-        self.lib, self.fallback, self.batch = lib, fallback, batch
+    def __init__(self, lib, fallback: TorchProducts):
+        self.lib, self.fallback = lib, fallback
 
     def _run(self, x, w, bias, add):
         return linear_unchecked(self.lib, x.contiguous(), w, bias, add)
@@ -116,7 +116,7 @@ def products_for(batch: int, device: torch.device, dtype: torch.dtype) -> TorchP
         return TorchProducts()
     base = (OneDNNRows() if batch == 1 else OneDNNCols()) if onednn_ok() else TorchProducts()
     lib = step_kernel()
-    return KernelProducts(lib, base, batch) if lib is not None else base
+    return KernelProducts(lib, base) if lib is not None else base
 
 
 def weights_prefer_transposed() -> bool:

@@ -11,7 +11,7 @@ checkpointing saving 1.8x instead of 6.7x (benchmarks/bench_context_memory.py).
 The fix here: before each chunk (its forward, and its recomputation in the backward pass) and, with
 gradient checkpointing, before each block's forward (not its recomputation: the heap fragments in the
 forward, and trimming in the backward only made every recomputed block page its buffers in again; see
-TRIM_IN_RECOMPUTE in model.py), `release()` calls glibc's
+the note above _checkpointed in model.py), `release()` calls glibc's
 `malloc_trim(0)` when the heap holds more than 16 MiB of free memory. That hands the heap's free pages back
 to the OS (madvise), so the resident set is what the live tensors need, plus at most those 16 MiB and one
 chunk's / block's churn. Cost: pages touched again fault in, about 0.13 s of system time per 2,048-token

@@ -68,8 +68,9 @@ def _unflat(flat):
 class _ChunkRecompute(torch.autograd.Function):
     """One chunk of `_forward_chunked`, run without keeping its autograd graph and recomputed in backward.
 
-    apply(fn, n_states, *states, *params) -> fn(states), where fn(states) -> (loss_sum, *carried_states)
-    and `params` are the trainable parameters fn uses. As with reentrant checkpointing, the forward builds
+    apply(fn, n_states, release, *states, *params) -> fn(states), where fn(states) -> (loss_sum,
+    *carried_states) and `params` are the trainable parameters fn uses; `release`: hand the CPU heap's free
+    pages back before the recomputation (cpu_memory.py). As with reentrant checkpointing, the forward builds
     no graph: per chunk only its input states stay alive (non-reentrant checkpointing keeps each chunk's
     graph nodes, and on CPU those thousands of small allocations, interleaved with the freed activations,
     fragment the heap so the process RSS grows with the sequence length). Unlike reentrant checkpointing,
@@ -78,9 +79,9 @@ class _ChunkRecompute(torch.autograd.Function):
     backward. Backward recomputes fn under the forward's autocast settings (fn sets them itself)."""
 
     @staticmethod
-    def forward(ctx, fn, n_states, *args):
+    def forward(ctx, fn, n_states, release, *args):
         states, params = args[:n_states], args[n_states:]
-        ctx.fn, ctx.n_states, ctx.params = fn, n_states, params
+        ctx.fn, ctx.n_states, ctx.params, ctx.release = fn, n_states, params, release
         ctx.device_type = next((t.device.type for t in args if isinstance(t, torch.Tensor)), "cpu")
         ctx.save_for_backward(*states)
         with torch.no_grad():
@@ -89,10 +90,10 @@ class _ChunkRecompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n = ctx.n_states
-        need = ctx.needs_input_grad[2:]
+        need = ctx.needs_input_grad[3:]
         states = [s.detach().requires_grad_(need[i]) if s is not None and need[i] else s
                   for i, s in enumerate(ctx.saved_tensors)]
-        if getattr(ctx.fn, "release_before_recompute", True):
+        if ctx.release:
             cpu_memory.release(ctx.device_type)  # CPU: hand the heap's free pages back first (cpu_memory.py)
         with torch.enable_grad():
             outs = ctx.fn(states)
@@ -105,25 +106,27 @@ class _ChunkRecompute(torch.autograd.Function):
             got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
             for i, g in zip(wrt_idx, got):
                 result[i] = g
-        return (None, None, *result)
+        return (None, None, None, *result)
 
 
 # For the torch.utils.checkpoint regions (selective mode, attention blocks, FSDP): trim the CPU heap before
 # the checkpointed forward of each region only, not before its recomputation in the backward pass.
 # Measured (benchmarks/bench_context_memory.py, 12 layers, C=64, T=2048, one CPU thread, whole blocks as
 # non-reentrant checkpoints): trimming before both gave 6.6x less activation memory for 2.1x the step time;
-# before the forward only 4.9x for 1.6x (the graph-free blocks of "full" mode now: 4.8x for 1.36x). The forward is where the heap fragments (each block's transients are freed around the
-# small long-lived allocations of the checkpoint's graph, so the next block grows the heap by ~13 MB of
-# a 64-wide model); the backward recomputes one block at a time in the same space and grows it no more,
-# while every trim there only makes the next block page all its buffers in again (~3 us a page here).
-TRIM_IN_RECOMPUTE = False
-GRAPH_FREE_BLOCKS = True  # "full" checkpointing of RWKV blocks through _recompute_rwkv_block
+# before the forward only 4.9x for 1.6x (the graph-free blocks of "full" mode now: 4.8x for 1.36x). The
+# forward is where the heap fragments (each block's transients are freed around the small long-lived
+# allocations of the checkpoint's graph, so the next block grows the heap by ~13 MB of a 64-wide model);
+# the backward recomputes one block at a time in the same space and grows it no more, while every trim
+# there only makes the next block page all its buffers in again (~3 us a page here).
 
 
-def _sharded(model) -> bool:
-    """FSDP-sharded parameters must flow through the ordinary graph (see _forward_chunked)."""
+def is_sharded(model) -> bool:
+    """Whether FSDP has sharded the model's parameters (DTensors): they must then flow through the ordinary
+    autograd graph (see _forward_chunked), and the optimizer cannot use its fused kernel."""
     return any(c.__name__ == "FSDPModule" for c in type(model).__mro__) or \
         any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private API: -1 outside a backward pass
 
 
@@ -134,13 +137,13 @@ def _in_backward() -> bool:
 def _checkpointed(fn, *args, release: bool = True):
     """Non-reentrant checkpoint of one block (or, in selective mode, one region of an RWKV block). With
     `release`, its forward first hands the CPU heap's free pages back to the OS (cpu_memory.py; not its
-    recomputation, see TRIM_IN_RECOMPUTE): otherwise the blocks' transient activations fragment the heap
+    recomputation, see the note above): otherwise the blocks' transient activations fragment the heap
     and the resident memory saved by checkpointing is mostly lost again."""
     if release:
         device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
 
         def run(*a):
-            if TRIM_IN_RECOMPUTE or not _in_backward():
+            if not _in_backward():
                 cpu_memory.release(device_type)
             return _compact(fn(*a))
     else:
@@ -185,8 +188,8 @@ def _recompute_rwkv_block(blk, x, v_first, st, valid, split):
         mid = mid if mid is not None else (None, None, None)
         return (out, vf_new if first else None, *st_new, *mid)
 
-    fn.release_before_recompute = False  # no graph, no fragmentation: trimming would only cost page faults
-    outs = _ChunkRecompute.apply(fn, 5, x, v_first, *st, *params)
+    # release=False: no graph, no fragmentation; trimming would only cost page faults.
+    outs = _ChunkRecompute.apply(fn, 5, False, x, v_first, *st, *params)
     x_out, vf_out, n0, n1, n2, m0, m1, m2 = outs
     mid = (m0, m1, m2) if m1 is not None else None
     return x_out, (vf_out if first else v_first), (n0, n1, n2), mid
@@ -448,7 +451,7 @@ class RWKVModel(nn.Module):
         v_first = None
         new_states, mid_states = [], []
         ckpt = self._grad_ckpt and torch.is_grad_enabled()
-        graph_free = ckpt and self._grad_ckpt_mode == "full" and GRAPH_FREE_BLOCKS and not _sharded(self)
+        graph_free = ckpt and self._grad_ckpt_mode == "full" and not is_sharded(self)
         for blk, st in zip(self.blocks, layer_states):
             if blk.is_rwkv_block:
                 args = (x, v_first, st, valid, split)
@@ -489,7 +492,7 @@ class RWKVModel(nn.Module):
         # _ChunkRecompute hands gradients to the parameters it is given. Under FSDP (sharded DTensor
         # parameters, unsharded copies swapped in per block) they must instead flow through the ordinary
         # graph: use non-reentrant checkpointing there (exact too; it keeps each chunk's graph nodes).
-        plain_params = bool(params) and not _sharded(self)
+        plain_params = bool(params) and not is_sharded(self)
         scheme = cfg.state_compression if cfg.rwkv_state_compression else None
         amp = self._amp_dtype is not None and not self._inference
         amp_dtype, dev_type = self._amp_dtype or torch.bfloat16, input_ids.device.type
@@ -540,7 +543,7 @@ class RWKVModel(nn.Module):
 
                 flat_in = _flat(carry)
                 if plain_params:
-                    ls, *flat_next = _ChunkRecompute.apply(chunk_fn, len(flat_in), *flat_in, *params)
+                    ls, *flat_next = _ChunkRecompute.apply(chunk_fn, len(flat_in), True, *flat_in, *params)
                 else:
                     ls, *flat_next = checkpoint(lambda *flat, _fn=chunk_fn: _fn(flat), *flat_in,
                                                 use_reentrant=False)

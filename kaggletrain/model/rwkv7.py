@@ -275,7 +275,8 @@ class RWKV7Block(nn.Module):
 
         checkpoint: None, or a function `checkpoint(fn, *args, release=bool)` (non-reentrant activation
         checkpointing, as RWKVModel's selective gradient checkpointing passes in; `release`: hand the CPU
-        heap's free pages back first, once per block): then the block runs as two checkpointed regions
+        heap's free pages back first, once per block; it returns the carried [B, C] shift states, views of
+        [B, T, C] activations, as compact copies, so that they keep no recomputable activation alive): then the block runs as two checkpointed regions
         around the WKV -- (1) ln1 + token shift + lerps + projections/LoRAs, (2) ln_x + bonus + gate +
         output projection + residual + ln2 + channel-mix + residual -- while the WKV itself runs outside
         them, keeps what it saved and is never recomputed. Same results, to the bit."""
@@ -296,16 +297,13 @@ class RWKV7Block(nn.Module):
         return x, v_first, (att_shift_new, wkv_new, ffn_shift_new), mid
 
     def _region_pre(self, x, v_first, shift, valid, split):
-        # The carried shift states are [B, C] views of the [B, T, C] ln1 output: return compact copies, so
-        # that they do not keep that (recomputable) activation alive.
-        out = self.att.pre(self.ln1(x), v_first, shift, valid, split)
-        return (*out[:11], out[11].clone(), None if out[12] is None else out[12].clone())
+        return self.att.pre(self.ln1(x), v_first, shift, valid, split)
 
     def _region_post(self, x, y, r, k, v, g, shift, valid, split):
         x = x + self.att.post(y, r, k, v, g)
         h = self.ln2(x)
         dx, new_shift, mid = self.ffn(h, shift, valid, split)
-        return x + dx, new_shift.clone(), None if mid is None else mid.clone()
+        return x + dx, new_shift, mid
 
     def _forward_selective(self, checkpoint, x, v_first, att_shift, wkv_state, ffn_shift, valid, split):
         T = x.shape[1]

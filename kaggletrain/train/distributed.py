@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kaggletrain.errors import KaggletrainError
+from kaggletrain.errors import RankFailed
 
 
 @dataclass
@@ -91,10 +91,6 @@ def raise_if_any_failed(error: Optional[BaseException], info: DistInfo) -> None:
     first = next((m for m in found if m is not None), None)
     if first is not None:
         raise RankFailed(first)
-
-
-class RankFailed(KaggletrainError):
-    """Another rank's user error, raised on this rank too (the CLI prints it on rank 0 only)."""
 
 
 def cleanup(info: DistInfo) -> None:

@@ -80,8 +80,8 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         t0 = time.perf_counter()
         val = trainer.evaluate(max_batches=1)
         eval_batch_s = time.perf_counter() - t0
-        report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s,
-                         val, oom, resolve_impl)
+        report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
+                         ckpt_s, eval_batch_s, val, oom, resolve_impl)
         if oom and device.type == "cuda":
             report["suggestion"] = _search_fitting_batch(cfg, trainer)
         return report
@@ -90,7 +90,8 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         tmp.cleanup()
 
 
-def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom, resolve_impl):
+def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
+            resolve_impl):
     t, model, device = cfg.train, trainer.model, trainer.device
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)

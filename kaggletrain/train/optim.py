@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from kaggletrain.model.model import is_sharded
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay only on 2-D `.weight` matrices (emb, head, Linear layers); `att.w0` at 2x lr.
@@ -33,8 +35,7 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, de
     if not groups:
         raise ValueError("no trainable parameters")
     kw = {}
-    sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])  # FSDP: default impl
-    if device.type in ("cuda", "cpu") and not sharded:
+    if device.type in ("cuda", "cpu") and not is_sharded(model):  # FSDP's DTensors: the default AdamW
         kw["fused"] = True  # one kernel for all parameters; on CPU ~3x faster than the per-tensor loop
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
