@@ -104,22 +104,24 @@ def _cpu_decode_kernel(build: bool) -> dict:
     out = {"status": "built" if lib else "unavailable", "seconds": round(time.perf_counter() - t0, 1),
            "error": info["error"], "log": info["log"]}
     if lib is not None:
+        from kaggletrain.ops.decay import decay_log
+        from kaggletrain.ops.wkv_reference import wkv_sequential
+
+        # One step of 2 x 2 heads of 64 against the float64 sequential recurrence, then one product.
         g = torch.Generator().manual_seed(0)
-        S = torch.randn(4, 64, 64, generator=g)
-        d = torch.rand(4, 64, generator=g)
-        kk = torch.nn.functional.normalize(torch.randn(4, 64, generator=g), dim=-1)
-        b, k, r, v = kk * torch.rand(4, 64, generator=g), *(torch.randn(4, 64, generator=g) for _ in range(3))
-        y, S1 = cpu_kernel.wkv7_step(S, d, kk, b, k, r, v, lib=lib)
-        S64 = S.double()
-        ref_S = S64 * d.double()[:, None] - (S64 @ kk.double()[..., None]) * b.double()[:, None] \
-            + v.double()[..., None] * k.double()[:, None]
-        ref_y = (ref_S @ r.double()[..., None])[..., 0]
-        x, w, bias = torch.randn(11, 72, generator=g), torch.randn(37, 72, generator=g), torch.randn(37, generator=g)
-        ref_lin = x.double() @ w.double().t() + bias.double()
-        lin = cpu_kernel.linear(x, w, bias=bias, lib=lib)
-        err = max(((S1.double() - ref_S).norm() / ref_S.norm()).item(),
-                  ((y.double() - ref_y).norm() / ref_y.norm()).item(),
-                  ((lin.double() - ref_lin).norm() / ref_lin.norm()).item())
+        r, k, v = (torch.randn(2, 1, 2, 64, generator=g) for _ in range(3))
+        w = torch.rand(2, 1, 2, 64, generator=g) * 22 - 12  # decay logits over the useful range
+        kk = torch.nn.functional.normalize(torch.randn(2, 1, 2, 64, generator=g), dim=-1)
+        b, S = kk * torch.rand(2, 1, 2, 64, generator=g), torch.randn(2, 2, 64, 64, generator=g)
+        ref_y, ref_S = wkv_sequential(*(t.double() for t in (r, w, k, v, -kk, b)), state=S.double())
+        flat = lambda t: t.reshape(4, 64)  # noqa: E731
+        y, S1 = cpu_kernel.wkv7_step(S.reshape(4, 64, 64), flat(torch.exp(decay_log(w))), flat(kk), flat(b),
+                                     flat(k), flat(r), flat(v), lib=lib)
+        x, wt, bias = torch.randn(11, 72, generator=g), torch.randn(37, 72, generator=g), torch.randn(37, generator=g)
+        ref_lin = x.double() @ wt.double().t() + bias.double()
+        lin = cpu_kernel.linear(x, wt, bias=bias, lib=lib)
+        rel = lambda have, want: ((have.double() - want).norm() / want.norm()).item()  # noqa: E731
+        err = max(rel(S1, ref_S.reshape(4, 64, 64)), rel(y, ref_y.reshape(4, 64)), rel(lin, ref_lin))
         out["self_check"] = {"max_rel_err": err, "passed": err < 1e-5}
         out["status"] = "ok" if err < 1e-5 else "SELF-CHECK FAILED"
     return out
