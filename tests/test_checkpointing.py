@@ -9,35 +9,26 @@ too. Selective mode must never recompute the WKV, and must keep less memory than
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
-from kaggletrain import ModelConfig, RWKVModel
 from kaggletrain.model import cpu_memory
-from dataclasses import fields
-
 from kaggletrain.model.state import ModelState
+from tiny_models import make_chunked_model  # tests/tiny_models.py
 
 V = 37
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def astuple(ls):
     return tuple(getattr(ls, f.name) for f in fields(ls))
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 def make_model(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=V, hidden_size=32, num_layers=3, head_size=16, rwkv_chunk_size=8,
-               rwkv_chunk_overlap=0, wkv_impl="chunked")
-    cfg.update(kw)
-    model = RWKVModel(ModelConfig(**cfg))
-    with torch.no_grad():  # away from the official init, which zeroes every output projection
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.to(dtype)
+    return make_chunked_model(seed, **{"vocab_size": V, "num_layers": 3, **kw}).to(dtype)
 
 
 def run(model, ids, state=None, **kw):

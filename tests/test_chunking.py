@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kaggletrain import ModelConfig, RWKVModel
+from kaggletrain import RWKVModel
 from kaggletrain.model.state import ModelState
+from tiny_models import make_chunked_model  # tests/tiny_models.py
 
 V = 61
 
@@ -29,15 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(seed: int = 0, **kw) -> RWKVModel:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=V, hidden_size=32, num_layers=2, head_size=16, rwkv_chunk_size=8,
-               rwkv_chunk_overlap=0, wkv_impl="chunked")
-    cfg.update(kw)
-    model = RWKVModel(ModelConfig(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return make_chunked_model(seed, **{"vocab_size": V, **kw})
 
 
 def set_chunking(model: RWKVModel, cs: int, ov: int) -> RWKVModel:
