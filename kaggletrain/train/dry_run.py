@@ -63,10 +63,12 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, cpu_times, losses = [], [], []
+        ends = [time.time()]  # wall-clock ends of the steps: the measured window, to line up with other logs
         oom = None
         try:
             for _ in range(steps):
                 res = trainer.train_step()
+                ends.append(time.time())
                 times.append(res.seconds)
                 cpu_times.append(res.cpu_seconds)
                 losses.append(res.loss)
@@ -82,6 +84,7 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
         eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
                          ckpt_s, eval_batch_s, val, oom, resolve_impl)
+        report["measured_window_unix"] = [ends[min(warmup, len(ends) - 1)], ends[-1]]
         if oom and device.type == "cuda":
             report["suggestion"] = _search_fitting_batch(cfg, trainer)
         return report

@@ -444,9 +444,10 @@ class Trainer:
                     tps = tokens_done / time_done if time_done > 0 else res.tokens / max(res.seconds, 1e-9)
                     if math.isfinite(res.loss):
                         train_loss = res.loss
-                    record = {"step": self.step, "loss": res.loss, "lr": res.lr, "tokens_per_s": round(tps, 1),
-                              "step_s": round(res.seconds, 4), "step_cpu_s": round(res.cpu_seconds, 4),
-                              "skipped": res.skipped}
+                    # "time" (unix seconds at the step's end) lines the log up with other processes' logs.
+                    record = {"step": self.step, "time": round(time.time(), 3), "loss": res.loss, "lr": res.lr,
+                              "tokens_per_s": round(tps, 1), "step_s": round(res.seconds, 4),
+                              "step_cpu_s": round(res.cpu_seconds, 4), "skipped": res.skipped}
                     do_eval = not self._stop_agreed and (
                         self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
                     if do_eval:  # every rank evaluates its share; rank 0 logs
