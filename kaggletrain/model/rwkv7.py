@@ -88,7 +88,7 @@ class RWKV7TimeMix(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        cfg, C, L, l = self.cfg, self.cfg.hidden_size, self.cfg.num_layers, self.layer_id
+        C, L, l = self.cfg.hidden_size, self.cfg.num_layers, self.layer_id
         N = self.head_size
         r01 = l / (L - 1) if L > 1 else 0.0
         r10 = 1.0 - l / L

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kaggletrain.ops.decay import DECAY_SCALE, decay_log
+from kaggletrain.ops.decay import DECAY_SCALE
 
 __all__ = ["wkv_chunked", "default_chunk_len", "max_chunk_len"]
 

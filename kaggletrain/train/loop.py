@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
