@@ -91,13 +91,14 @@ def test_dry_run_predicts_a_real_run_measured_beside_it(tmp_path):
     cpu = sorted(os.sched_getaffinity(0))[0]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     metrics = tmp_path / "run" / "metrics.jsonl"
-    real = subprocess.Popen([sys.executable, "-m", "kaggletrain", "train", str(cfg)], env=env,
-                            preexec_fn=_on_one_core(cpu), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    real_log = tmp_path / "real.log"  # a file, not a pipe: nothing reads it while the run goes on
+    with open(real_log, "w") as log:
+        real = subprocess.Popen([sys.executable, "-m", "kaggletrain", "train", str(cfg)], env=env,
+                                preexec_fn=_on_one_core(cpu), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert real.poll() is None, real.stderr.read()
+            assert real.poll() is None, real_log.read_text()
             assert time.monotonic() < deadline, "the real run logged no steps in 300 s"
             time.sleep(0.1)
         dry = subprocess.run([sys.executable, "-m", "kaggletrain", "train", str(cfg), "--dry-run", "--steps",
