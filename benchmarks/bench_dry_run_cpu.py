@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from kaggletrain.train.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 LOAD = """
 import torch
@@ -61,10 +63,14 @@ def write_config(tmp: Path, max_steps: int = 48, eval_interval: int = 24, every_
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def on_core(cpu: int | None):
+    """A preexec_fn that pins the child process to one core (None: no pinning)."""
+    return None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+
+
 def cli(*args, cpu: int | None = None) -> subprocess.CompletedProcess:
-    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     proc = subprocess.run([sys.executable, "-m", "kaggletrain", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=REPO, preexec_fn=pin)
+                          env=ENV, cwd=REPO, preexec_fn=on_core(cpu))
     if proc.returncode:
         raise SystemExit(f"kaggletrain {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
     return proc
@@ -84,7 +90,7 @@ def sequential_pair(tmp: Path) -> dict:
     cfg = write_config(tmp)
     rep = json.loads(cli("train", cfg, "--dry-run", "--steps", "24", "--json").stdout)
     cli("train", cfg)
-    recs = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(tmp / "run" / "metrics.jsonl")
     return compare(rep, [r for r in recs[2:] if "val_loss" not in r])
 
 
@@ -92,9 +98,9 @@ def beside_pair(tmp: Path, cpu: int) -> dict:
     cfg = write_config(tmp, max_steps=100_000, eval_interval=0, every_steps=0)
     metrics = tmp / "run" / "metrics.jsonl"
     real = subprocess.Popen([sys.executable, "-m", "kaggletrain", "train", str(cfg)], env=ENV, cwd=REPO,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), stdout=subprocess.DEVNULL)
+                            preexec_fn=on_core(cpu), stdout=subprocess.DEVNULL)
     try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while len(read_metrics(metrics)) < 3:
             if real.poll() is not None:
                 raise SystemExit("the real run stopped before logging a step")
             time.sleep(0.1)
@@ -103,7 +109,7 @@ def beside_pair(tmp: Path, cpu: int) -> dict:
         real.send_signal(signal.SIGTERM)
         real.wait()
     start, end = rep["measured_window_unix"]
-    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    recs = read_metrics(metrics)
     return compare(rep, [r for r in recs if start <= r["time"] - r["step_s"] and r["time"] <= end])
 
 

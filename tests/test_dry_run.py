@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kaggletrain.train.metrics import read_metrics
 from test_train import write_config
 
 FIELDS = ("parameters", "trainable_parameters", "tokens_per_step", "step_time_s", "tokens_per_s",
           "peak_memory_bytes", "projected_run_s", "fits_kaggle_session", "projected_t4_memory_gb", "fits_t4",
-          "t4_memory_method", "precision", "wkv_impl", "attention_backend", "warnings", "val_loss_one_batch", "measured_window_unix")
+          "t4_memory_method", "precision", "wkv_impl", "attention_backend", "warnings", "val_loss_one_batch",
+          "measured_window_unix")
 
 
 DRY_STEPS = 24
@@ -97,7 +99,7 @@ def test_dry_run_predicts_a_real_run_measured_beside_it(tmp_path):
                                 preexec_fn=_on_one_core(cpu), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while len(read_metrics(metrics)) < 3:
             assert real.poll() is None, real_log.read_text()
             assert time.monotonic() < deadline, "the real run logged no steps in 300 s"
             time.sleep(0.1)
@@ -112,7 +114,7 @@ def test_dry_run_predicts_a_real_run_measured_beside_it(tmp_path):
     rep = json.loads(dry.stdout)
     start, end = rep["measured_window_unix"]
     assert 0.5 * rep["measured_steps"] * rep["step_time_s"] < end - start < 600
-    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    recs = read_metrics(metrics)
     beside = sorted(r["step_s"] for r in recs if start <= r["time"] - r["step_s"] and r["time"] <= end)
     assert len(beside) >= 5, (start, end, recs[-3:])
     real_tps = rep["tokens_per_step"] / beside[len(beside) // 2]
