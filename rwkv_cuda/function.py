@@ -1,8 +1,11 @@
-"""`wkv_cuda`: the compiled WKV-7 operator as a torch.autograd.Function (conventions of ops/wkv.py)."""
+"""`wkv_cuda`: the compiled WKV-7 kernel as torch custom operators with autograd (conventions of ops/wkv.py)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from rwkv_cuda.loader import BuildError, load_extension
 
@@ -26,27 +29,74 @@ def _ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class WKV7Function(torch.autograd.Function):
-    """Inputs already prepared by `wkv_cuda`: same shape, contiguous, aligned, r's dtype (w may be float32)."""
+# The kernel as two torch custom operators (torch.library): torch.compile traces a block straight through
+# them (their fake functions give the output shapes) instead of breaking the graph at an opaque pybind call,
+# and autograd reaches the backward operator through register_autograd.
+CKPT_LEN = 16  # == wkv7::kCkptLen: the forward saves the state every CKPT_LEN tokens (and the final one)
 
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
-        # Only called when a gradient is needed (wkv_cuda runs inference without autograd), so always save
-        # the checkpoints and sa.
-        y, sT, ckpt, sa = _ext().forward(r, w, k, v, a, b, s0, True)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
-        ctx.has_s0 = s0 is not None
-        return y, sT
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
-        dy = torch.zeros_like(r) if dy is None else _ready(dy.to(r.dtype))
-        dsT = None if dsT is None else _ready(dsT.float())
-        need_ds0 = ctx.has_s0 and ctx.needs_input_grad[6]
-        dr, dw, dk, dv, da, db, ds0 = _ext().backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0)
-        return dr, dw, dk, dv, da, db, (ds0 if need_ds0 else None)
+@torch.library.custom_op("kaggletrain::wkv7_forward", mutates_args=())
+def wkv7_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Optional[Tensor],
+                 save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, final state, state checkpoints, sa); the last two are empty unless `save` (training)."""
+    y, sT, ckpt, sa = _ext().forward(*(_ready(t) for t in (r, w, k, v, a, b)),
+                                     None if s0 is None else _ready(s0), save)
+    return y, sT, ckpt, sa
+
+
+@wkv7_forward.register_fake
+def _(r, w, k, v, a, b, s0, save):
+    B, T, H, N = r.shape
+    nck = (T + CKPT_LEN - 1) // CKPT_LEN + 1
+    f32 = torch.float32
+    return (torch.empty_like(r, memory_format=torch.contiguous_format), r.new_empty((B, H, N, N), dtype=f32),
+            r.new_empty((B, H, nck, N, N) if save else (0,), dtype=f32),
+            r.new_empty((B, T, H, N) if save else (0,), dtype=f32))
+
+
+@torch.library.custom_op("kaggletrain::wkv7_backward", mutates_args=())
+def wkv7_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, dy: Tensor,
+                  dsT: Optional[Tensor], ckpt: Tensor, sa: Tensor, need_ds0: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dr, dw, dk, dv, da, db, ds0); ds0 is empty unless `need_ds0`."""
+    out = _ext().backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
+                          ckpt, sa, need_ds0)
+    return tuple(out)
+
+
+@wkv7_backward.register_fake
+def _(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0):
+    B, T, H, N = r.shape
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (r, w, k, v, a, b))
+    return grads + (r.new_empty((B, H, N, N) if need_ds0 else (0,), dtype=torch.float32),)
+
+
+def _setup_context(ctx, inputs, output):
+    r, w, k, v, a, b, s0, save = inputs
+    _, _, ckpt, sa = output
+    ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
+    ctx.has_s0 = s0 is not None
+
+
+def _backward(ctx, dy, dsT, _dckpt, _dsa):
+    r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+    dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype)
+    dsT = None if dsT is None else dsT.float()
+    need_ds0 = ctx.has_s0 and ctx.needs_input_grad[6]
+    dr, dw, dk, dv, da, db, ds0 = torch.ops.kaggletrain.wkv7_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0)
+    return dr, dw, dk, dv, da, db, (ds0 if need_ds0 else None), None
+
+
+wkv7_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _io_dtype_name(N: int, dtype_name: str) -> str:
+    """The dtype the kernel runs for r's dtype ("" when none): a constant while torch.compile traces."""
+    ext = _ext()
+    if dtype_name == "bfloat16" and not ext.supported(N, "bfloat16"):
+        dtype_name = "float32"  # pre-sm_80 GPU: bf16 kernels are not compiled; run in float32
+    return dtype_name if ext.supported(N, dtype_name) else ""
 
 
 def wkv_cuda(r, w, k, v, a, b, state=None):
@@ -65,22 +115,18 @@ def wkv_cuda(r, w, k, v, a, b, state=None):
     B, T, H, N = r.shape
     if state is not None and tuple(state.shape) != (B, H, N, N):
         raise ValueError(f"wkv_cuda: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
-    ext = _ext()
     out_dtype = r.dtype
-    io = out_dtype
-    if io == torch.bfloat16 and not ext.supported(N, "bfloat16"):
-        io = torch.float32  # pre-sm_80 GPU: bf16 kernels are not compiled; run in float32
-    if not ext.supported(N, str(io).replace("torch.", "")):
-        raise ValueError(f"wkv_cuda: no kernel for head size {N} ({io})")
+    io_name = _io_dtype_name(N, str(out_dtype).replace("torch.", ""))
+    if not io_name:
+        raise ValueError(f"wkv_cuda: no kernel for head size {N} ({out_dtype})")
+    io = getattr(torch, io_name)
     if T == 0:
         s = state.float().clone() if state is not None else r.new_zeros(B, H, N, N, dtype=torch.float32)
         return r.new_empty(B, 0, H, N), s
-    r_, k_, v_, a_, b_ = (_ready(t.to(io)) for t in (r, k, v, a, b))
-    w_ = _ready(w if w.dtype in (io, torch.float32) else w.to(io))
-    s_ = None if state is None else _ready(state.float())
-    inputs = (r_, w_, k_, v_, a_, b_, s_)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        y, sT = WKV7Function.apply(*inputs)
-    else:  # inference: skip the checkpoints the backward would need
-        y, sT, _, _ = ext.forward(r_, w_, k_, v_, a_, b_, s_, False)
+    r_, k_, v_, a_, b_ = (t.to(io) for t in (r, k, v, a, b))
+    w_ = w if w.dtype in (io, torch.float32) else w.to(io)
+    s_ = None if state is None else state.float()
+    # Inference (no gradient needed) skips the checkpoints the backward would need.
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r_, w_, k_, v_, a_, b_, s_))
+    y, sT, _, _ = torch.ops.kaggletrain.wkv7_forward(r_, w_, k_, v_, a_, b_, s_, save)
     return y.to(out_dtype), sT

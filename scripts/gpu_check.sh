@@ -55,7 +55,7 @@ BUILD_LOG=$(sed -n 's/.*dir=\([^ ]*\).*/\1/p' "$OUT/build.txt" | tail -1)
 save
 echo "== tests"
 rm -f "$OUT/errors.jsonl"
-KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout "$(cap 200)" "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py \
+KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout "$(cap 200)" "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py tests/test_cuda_torch_compile.py \
   -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.txt"
 TEST_RC=${PIPESTATUS[0]}
 # The two-kernel backward ("new") becomes the default only by KAGGLETRAIN_WKV_BWD; the end-to-end runs

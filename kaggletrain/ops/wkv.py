@@ -35,11 +35,18 @@ def _chunked(*args, **kwargs):
 def _cuda_available_for(r: torch.Tensor) -> bool:
     if not r.is_cuda or r.dtype == torch.float64:
         return False
+    return _kernel_loads(int(r.shape[-1]))
+
+
+@torch.compiler.assume_constant_result
+def _kernel_loads(head_size: int) -> bool:
+    """Whether the CUDA kernel builds/loads for this head size; a constant while torch.compile traces (the
+    loader's file lock and build cache are nothing for it to trace)."""
     try:
         from rwkv_cuda import kernel_available
     except ImportError:
         return False
-    return kernel_available(r.shape[-1])
+    return kernel_available(head_size)
 
 
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
