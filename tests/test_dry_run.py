@@ -150,3 +150,37 @@ def test_dry_run_warns_when_another_process_takes_the_core(tmp_path):
     rep = json.loads(proc.stdout)
     assert rep["step_cpu_time_s"] < 0.7 * rep["step_time_s"]
     assert any("competing for the CPU" in w for w in rep["warnings"]), rep["warnings"]
+
+
+def test_out_of_memory_search_halves_the_micro_batch_without_nesting(tmp_path, monkeypatch):
+    """A CUDA out-of-memory error cannot be produced on this CPU machine, so the step raises it above a
+    micro batch of 2 (what a too-small GPU does). The dry run reports it and answers with the largest
+    micro batch that fits, found by probes that run steps only and never search again themselves."""
+    import torch
+
+    from kaggletrain.config import load_config
+    from kaggletrain.train import dry_run as dr
+    from kaggletrain.train.loop import Trainer
+
+    real_step, probes = Trainer.train_step, []
+
+    def step(self):
+        if self.micro > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_step(self)
+
+    real_dry_run = dr.dry_run
+
+    def counting_dry_run(cfg, steps=10, _trial=False):
+        probes.append((cfg.train.micro_batch_size, cfg.train.gradient_checkpointing, _trial))
+        return real_dry_run(cfg, steps, _trial)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(dr, "dry_run", counting_dry_run)
+    cfg = load_config(write_config(tmp_path, batch_size=8, micro_batch_size=8, max_steps=20, seq_len=32))
+    rep = real_dry_run(cfg, steps=3)
+    assert rep["out_of_memory"].startswith("CUDA out of memory")
+    assert rep["suggestion"]["micro_batch_size"] == 2 and rep["suggestion"]["gradient_checkpointing"] is False
+    assert [t["micro_batch_size"] for t in rep["suggestion"]["tried"]] == [4, 2]
+    assert probes == [(4, False, True), (2, False, True)]  # steps-only probes, no nested searches
+    assert math.isfinite(rep["val_loss_one_batch"])  # the evaluation batch does not run the failing step

@@ -26,6 +26,21 @@ def up(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def amp_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, a LayerNorm output cast once to the autocast dtype (fp16/bf16), so the token shift,
+    the lerps and the projections' inputs run in half precision, as in the official trainer, instead of
+    float32 copies that autocast casts again at every matmul. Unchanged without autocast."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+def mix(x: torch.Tensor, xx: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """x + xx * p (a token-shift lerp) in x's dtype (float32 results are unchanged to the bit)."""
+    return x + xx * p.to(x.dtype)
+
+
 def token_shift(x: torch.Tensor, prev: torch.Tensor | None, valid: torch.Tensor | None):
     """The previous token's x for each position, and the new carried shift state.
 
@@ -142,10 +157,11 @@ class RWKV7TimeMix(nn.Module):
         tokens (None unless 0 < split < T)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        x = amp_input(x)
         prev, new_shift = token_shift(x, shift, valid)
         xx = prev - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        xr, xw, xk = mix(x, xx, self.x_r), mix(x, xx, self.x_w), mix(x, xx, self.x_k)
+        xv, xa, xg = mix(x, xx, self.x_v), mix(x, xx, self.x_a), mix(x, xx, self.x_g)
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -228,8 +244,9 @@ class RWKV7ChannelMix(nn.Module):
             self.shift_state.zero_()
 
     def forward(self, x, shift, valid=None, split=None):
+        x = amp_input(x)
         prev, new_shift = token_shift(x, shift, valid)
-        k = x + (prev - x) * self.x_k
+        k = mix(x, prev - x, self.x_k)
         out = self.value(torch.relu(self.key(k)) ** 2)
         mid = None
         if split is not None:

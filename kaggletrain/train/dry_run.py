@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import resource
@@ -42,7 +43,9 @@ def _attention_backend(device: torch.device, has_attention: bool) -> str:
     return "SDPA (flash)" if flash else "SDPA (memory-efficient/math)"
 
 
-def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
+def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
+    """Run `steps` real training steps of `cfg` in a temporary directory and report (see module doc).
+    `_trial`: a probe of the out-of-memory search -- steps only, no checkpoint, evaluation or nested search."""
     from kaggletrain.ops.wkv import resolve_impl
     from kaggletrain.train.loop import Trainer
 
@@ -64,33 +67,55 @@ def dry_run(cfg, steps: int = 10) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         times, cpu_times, losses = [], [], []
         ends = [time.time()]  # wall-clock ends of the steps: the measured window, to line up with other logs
-        oom = None
-        try:
-            for _ in range(steps):
-                res = trainer.train_step()
-                ends.append(time.time())
-                times.append(res.seconds)
-                cpu_times.append(res.cpu_seconds)
-                losses.append(res.loss)
-        except torch.cuda.OutOfMemoryError as e:  # only on GPU
-            oom = str(e).splitlines()[0]
+        oom = _run_steps(trainer, steps, times, cpu_times, losses, ends)
+        if _trial:
+            return {"out_of_memory": oom}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak_bytes()
         t0 = time.perf_counter()
         path = trainer.save()
         trainer.load(path)
         ckpt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        val = trainer.evaluate(max_batches=1)
+        try:
+            val = trainer.evaluate(max_batches=1)
+        except torch.cuda.OutOfMemoryError:  # evaluation at the configured batch does not fit either
+            val, oom = None, oom or "out of memory in the evaluation batch"
+            _release(device)
         eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
                          ckpt_s, eval_batch_s, val, oom, resolve_impl)
         report["measured_window_unix"] = [ends[min(warmup, len(ends) - 1)], ends[-1]]
-        if oom and device.type == "cuda":
-            report["suggestion"] = _search_fitting_batch(cfg, trainer)
-        return report
+        world = trainer.dist.world_size
     finally:
         trainer.close()
         tmp.cleanup()
+    if oom:
+        del trainer
+        _release(device)
+        report["suggestion"] = _search_fitting_batch(cfg, world)
+    return report
+
+
+def _run_steps(trainer, steps, times, cpu_times, losses, ends) -> str | None:
+    """The measured steps; the first line of a CUDA out-of-memory error, or None. The error is turned into a
+    string here, so that no frame of the failed step (and none of its tensors) outlives this function."""
+    try:
+        for _ in range(steps):
+            res = trainer.train_step()
+            ends.append(time.time())
+            times.append(res.seconds)
+            cpu_times.append(res.cpu_seconds)
+            losses.append(res.loss)
+    except torch.cuda.OutOfMemoryError as e:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return str(e).splitlines()[0] or "CUDA out of memory"
+    return None
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
@@ -170,25 +195,28 @@ def _cpu_name() -> str:
     return cpu_name()
 
 
-def _search_fitting_batch(cfg, trainer) -> dict:
-    """After an OOM: halve the per-GPU micro batch (then try gradient checkpointing) until a step fits."""
-    world = trainer.dist.world_size
+def _search_fitting_batch(cfg, world: int) -> dict:
+    """After an OOM: halve the per-GPU micro batch until two steps fit; if none does, the same with gradient
+    checkpointing on. Each probe is a fresh trainer running steps only (`dry_run(_trial=True)`)."""
     micro = cfg.train.micro_batch(world)
-    for ckpt_on in (cfg.train.gradient_checkpointing, True):
-        m = micro
+    tried = []
+    plans = [(cfg.train.gradient_checkpointing, micro // 2)]  # the configured micro batch has just failed
+    if not cfg.train.gradient_checkpointing:
+        plans.append((True, micro))
+    for ckpt_on, m in plans:
         while m >= 1:
             trial = copy.deepcopy(cfg)
             trial.train = dataclasses.replace(trial.train, micro_batch_size=m, gradient_checkpointing=ckpt_on,
                                               batch_size=max(m * world, cfg.train.batch_size // (m * world) * m * world))
-            try:
-                torch.cuda.empty_cache()
-                rep = dry_run(trial, steps=2)
-                if not rep.get("out_of_memory"):
-                    return {"micro_batch_size": m, "gradient_checkpointing": ckpt_on}
-            except torch.cuda.OutOfMemoryError:
-                pass
+            rep = dry_run(trial, steps=2, _trial=True)
+            tried.append({"micro_batch_size": m, "gradient_checkpointing": ckpt_on,
+                          "fits": not rep["out_of_memory"]})
+            _release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+            if not rep["out_of_memory"]:
+                return {"micro_batch_size": m, "gradient_checkpointing": ckpt_on, "tried": tried}
             m //= 2
-    return {"micro_batch_size": None, "note": "no batch fits; enable train.use_chunking or use a smaller model"}
+    return {"micro_batch_size": None, "tried": tried,
+            "note": "no batch fits; enable train.use_chunking or use a smaller model"}
 
 
 def render_report(report: dict, as_json: bool = False) -> None:
