@@ -213,11 +213,12 @@ class RWKV7TimeMix(nn.Module):
         # (optimize_for_inference(dtype)): CPU group_norm refuses mixed dtypes.
         lnx = self.ln_x
         y = F.group_norm(up(y).reshape(B * T, C), lnx.num_groups, up(lnx.weight), up(lnx.bias), lnx.eps).view(B, T, C)
-        # Bonus term uses the modified k and the mixed v.
-        bonus = (up(r).view(B, T, H, N) * up(k).view(B, T, H, N) * up(self.r_k)).sum(-1, keepdim=True)
-        y = y + (bonus * up(v).view(B, T, H, N)).view(B, T, C)
+        # Bonus term uses the modified k and the mixed v. Half-precision r, k, v, g are promoted to float32
+        # inside each product (no float32 copies of them).
+        bonus = (r.view(B, T, H, N) * (k.view(B, T, H, N) * up(self.r_k))).sum(-1, keepdim=True)
+        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         # Back to the weights' dtype for the projection (a no-op for float32 weights; autocast casts anyway).
-        return self.output((y * up(g)).to(self.output.weight.dtype))
+        return self.output((y * g).to(self.output.weight.dtype))
 
 
 class RWKV7ChannelMix(nn.Module):
