@@ -3,8 +3,12 @@
     PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
 
 Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,old`, selected through
-KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
-present), and causal SDPA attention at the same size (q, k, v [B, H, T, N]) as a yardstick. Columns:
+KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call), then the new backward once per row split
+(`--split auto,1`: KAGGLETRAIN_WKV_SPLIT, the blocks per head of the forward and the backward's row kernel; the
+name shows what auto resolved to), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
+present), and causal SDPA attention at the same size (q, k, v [B, H, T, N]) as a yardstick. `--also-H 12` then
+repeats the rwkv_cuda rows alone, bf16 only, at H=12 (the 0.1B model's heads: B*H=96 blocks without a split,
+fewer than a 132-SM GPU has), their names ending in "H=12". Columns:
 forward (training mode, i.e. saving what the backward needs) and forward+backward (upstream gradient on y),
 medians of CUDA-event timings after warm-up. Inputs are fresh random tensors with realistic ranges (never
 zeros). Needs only torch (+ the repo on PYTHONPATH).
@@ -84,6 +88,61 @@ def bench_sdpa(B, T, H, N, dtype, warmup, iters, budget_s):
     return cuda_time_ms(fwd, warmup, iters, budget_s), cuda_time_ms(fwd_bwd, warmup, iters, budget_s)
 
 
+def cuda_rows(args, wkv_cuda, BH: int) -> list:
+    """(name, fn, env) per rwkv_cuda row: one per backward, then the new backward once per row split."""
+    from rwkv_cuda.loader import load_extension
+
+    rows = [(f"rwkv_cuda bwd={variant}", wkv_cuda, {"KAGGLETRAIN_WKV_BWD": variant})
+            for variant in filter(None, args.bwd.split(","))]
+    ext = load_extension()
+    for split in filter(None, args.split.split(",")):
+        label = split
+        if split == "auto" and hasattr(ext, "split"):  # what auto picks for this many heads on this GPU
+            with _env({"KAGGLETRAIN_WKV_SPLIT": "auto"}):
+                label = f"auto({ext.split(BH)})"
+        rows.append((f"rwkv_cuda bwd=new split={label}", wkv_cuda,
+                     {"KAGGLETRAIN_WKV_BWD": "new", "KAGGLETRAIN_WKV_SPLIT": split}))
+    return rows
+
+
+class _env:
+    """Set environment variables for a `with` block (the extension reads them at each call)."""
+
+    def __init__(self, values: dict):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def time_rows(rows, ins, dy, dname, args, suffix="") -> list:
+    results = []
+    for name, fn, env in rows:
+        name += suffix
+        slow = name.startswith("chunked")  # the fallback can take ~a second per call: fewer repeats
+        try:
+            with _env(env):
+                f, fb = bench_wkv(fn, ins, dy, 1 if slow else args.warmup, 5 if slow else args.iters, args.budget_s)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name} {dname}: out of memory")
+            torch.cuda.empty_cache()
+            continue
+        except RuntimeError as e:  # e.g. a launch failure of one variant: report it, time the others
+            print(f"{name} {dname}: failed: {e}")
+            continue
+        results.append({"impl": name, "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
+        print(f"{name:26s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--B", type=int, default=8)
@@ -93,6 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--impls", default="cuda,chunked,sdpa")
     p.add_argument("--bwd", default="new,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
+    p.add_argument("--split", default="auto,1",
+                   help="row splits to time the new backward with (KAGGLETRAIN_WKV_SPLIT: 1, 2, 4, auto); '' for none")
+    p.add_argument("--also-H", type=int, default=12,
+                   help="also time the rwkv_cuda rows (bf16 only) at this H (0: don't)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=8.0, help="time cap per measurement")
@@ -118,44 +181,36 @@ def main(argv=None) -> int:
             from rwkv_cuda import build_info, kernel_available, wkv_cuda
 
             if kernel_available(N):
-                for variant in args.bwd.split(","):
-                    rows.append((f"rwkv_cuda bwd={variant}", wkv_cuda, variant))
+                rows += cuda_rows(args, wkv_cuda, B * H)
             else:
                 print(f"rwkv_cuda unavailable: {build_info()}")
         if "chunked" in impls:
             try:
                 from kaggletrain.ops.wkv_chunked import wkv_chunked
 
-                rows.append(("chunked (PyTorch)", wkv_chunked, None))
+                rows.append(("chunked (PyTorch)", wkv_chunked, {}))
             except ImportError as e:
                 print(f"chunked fallback not importable: {e}")
-        saved_env = os.environ.get("KAGGLETRAIN_WKV_BWD")
-        for name, fn, variant in rows:
-            slow = name.startswith("chunked")  # the fallback can take ~a second per call: fewer repeats
-            if variant:
-                os.environ["KAGGLETRAIN_WKV_BWD"] = variant
-            try:
-                f, fb = bench_wkv(fn, ins, dy, 1 if slow else args.warmup, 5 if slow else args.iters, args.budget_s)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{name} {dname}: out of memory")
-                torch.cuda.empty_cache()
-                continue
-            except RuntimeError as e:  # e.g. a launch failure of one variant: report it, time the others
-                print(f"{name} {dname}: failed: {e}")
-                continue
-            finally:
-                if saved_env is None:
-                    os.environ.pop("KAGGLETRAIN_WKV_BWD", None)
-                else:
-                    os.environ["KAGGLETRAIN_WKV_BWD"] = saved_env
-            results.append({"impl": name, "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
-            print(f"{name:18s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+        for row in time_rows(rows, ins, dy, dname, args):
+            results.append({**row, "H": H})
         del ins, dy
         torch.cuda.empty_cache()
         if "sdpa" in impls:
             f, fb = bench_sdpa(B, T, H, N, dtype, args.warmup, args.iters, args.budget_s)
-            results.append({"impl": "causal SDPA", "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb})
-            print(f"{'causal SDPA':18s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+            results.append({"impl": "causal SDPA", "dtype": dname, "fwd_ms": f, "fwd_bwd_ms": fb, "H": H})
+            print(f"{'causal SDPA':26s} {dname}: fwd {f:8.2f} ms  fwd+bwd {fb:8.2f} ms", flush=True)
+            torch.cuda.empty_cache()
+
+    if args.also_H and args.also_H != H and "cuda" in impls and "bf16" in args.dtypes.split(","):
+        from rwkv_cuda import kernel_available, wkv_cuda
+
+        if torch.cuda.get_device_capability()[0] >= 8 and kernel_available(N):
+            H2 = args.also_H
+            print(f"# rwkv_cuda at H={H2} (B*H = {B * H2} blocks without a row split)", flush=True)
+            ins, dy = wkv_inputs(B, T, H2, N, torch.bfloat16)
+            for row in time_rows(cuda_rows(args, wkv_cuda, B * H2), ins, dy, "bf16", args, suffix=f" H={H2}"):
+                results.append({**row, "H": H2})
+            del ins, dy
             torch.cuda.empty_cache()
 
     out = args.json or (os.path.join(os.environ["OUT"], "bench_wkv_gpu.json") if os.environ.get("OUT") else None)

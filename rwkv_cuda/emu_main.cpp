@@ -5,7 +5,8 @@
 //      r, w, k, v, a, b, [s0 f32], dy, [dsT f32]   (w as float32 if w_f32, else dtype)
 // OUT: y, sT f32, dr, dw, dk, dv, da, db, ds0 f32  (dw as float32 if w_f32)
 // Every output buffer is filled with 0xFF bytes (NaN in all three dtypes) first, so an element the
-// kernels fail to write shows up.
+// kernels fail to write shows up. KAGGLETRAIN_WKV_BWD=old|new picks the backward, KAGGLETRAIN_WKV_SPLIT=1|2|4|auto
+// the row split (default 1; auto assumes 132 SMs: 4 blocks per head for the tests' few heads).
 #include "wkv7.cu"
 
 #include <cstdio>
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
                     dv = poison(n * el), da = poison(n * el), db = poison(n * el);
   std::vector<float> sT(ns), ds0(ns), ckpt((size_t)B * H * wkv7::num_ckpt(T) * N * N), sa(n);
   const int variant = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);  // KAGGLETRAIN_WKV_BWD=old|new
+  const int split = wkv7::resolve_split(0, (long long)B * H);      // KAGGLETRAIN_WKV_SPLIT=1|2|4|auto
   std::vector<float> scratch((size_t)wkv7::bwd_scratch_floats(B, T, H, N, variant));
   for (auto* vec : {&sT, &ds0, &ckpt, &sa, &scratch})
     std::fill(vec->begin(), vec->end(), __uint_as_float(0xFFFFFFFFu));
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
   fa.r = r.data(); fa.w = w.data(); fa.k = k.data(); fa.v = v.data(); fa.a = a.data(); fa.b = b.data();
   fa.s0 = has_s0 ? s0.data() : nullptr;
   fa.y = y.data(); fa.sT = sT.data(); fa.ckpt = ckpt.data(); fa.sa = sa.data();
+  fa.split = split;
   if (int e = wkv7::forward(fa, nullptr)) { std::fprintf(stderr, "forward failed: %d\n", e); return 1; }
 
   wkv7::BwdArgs ba;
@@ -62,6 +65,7 @@ int main(int argc, char** argv) {
   ba.dr = dr.data(); ba.dw = dw.data(); ba.dk = dk.data(); ba.dv = dv.data(); ba.da = da.data(); ba.db = db.data();
   ba.ds0 = ds0.data();
   ba.variant = variant;
+  ba.split = split;
   if (int e = wkv7::backward(ba, nullptr)) { std::fprintf(stderr, "backward failed: %d\n", e); return 1; }
 
   FILE* out = std::fopen(argv[2], "wb");

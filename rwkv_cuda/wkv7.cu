@@ -42,15 +42,32 @@ constexpr int kSub = 4;    // backward: exact state every 4 tokens, at most 3 ba
 constexpr int kSubNew = WKV7_SUB_NEW;  // new backward: exact state every kSubNew tokens
 constexpr int kSegChunks = kBwdSegChunks;  // new backward: chunks per bwd_cols_kernel block (and dS checkpoint)
 
-template <typename T>
-int forward_t(const FwdArgs& p, cudaStream_t stream) {
-  auto kernel = detail::fwd_kernel<T, kHead, kFwdRows, kTpr>;
-  const dim3 grid((unsigned)((long long)p.B * p.H));
-  const dim3 block((kHead / kFwdRows) * kTpr);
+// Rows per thread of the split kernels: RS=1 keeps the 128-thread tiling (kFwdRows rows in the forward, 2 in
+// the backward row kernel); with RS=2 or 4 a thread holds ONE row (a 1 x 16 tile: 128 threads at RS=2, 64 at
+// RS=4), so the block still has >= 2 warps and the chunk prefetch arrays stay at 2 or 4 float4 per input.
+// The per-row arithmetic (tile rows are independent; the key slices, TPR and the sum order are unchanged)
+// is the same, which keeps every split bitwise equal.
+constexpr int split_rows(int RS, int rows1) { return RS == 1 ? rows1 : 1; }
+
+template <typename T, int RS>
+int forward_rs(const FwdArgs& p, cudaStream_t stream) {
+  constexpr int R = split_rows(RS, kFwdRows);
+  auto kernel = detail::fwd_kernel<T, kHead, R, kTpr, RS>;
+  const dim3 grid((unsigned)((long long)p.B * p.H * RS));
+  const dim3 block((kHead / RS / R) * kTpr);
   WKV7_LAUNCH(kernel, grid, block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w, p.w_f32,
               static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<const T*>(p.a),
               static_cast<const T*>(p.b), p.s0, static_cast<T*>(p.y), p.sT, p.ckpt, p.sa);
   return (int)cudaGetLastError();
+}
+
+template <typename T>
+int forward_t(const FwdArgs& p, cudaStream_t stream) {
+  switch (resolve_split(p.split, (long long)p.B * p.H)) {
+    case 2: return forward_rs<T, 2>(p, stream);
+    case 4: return forward_rs<T, 4>(p, stream);
+    default: return forward_rs<T, 1>(p, stream);
+  }
 }
 
 template <typename T>
@@ -66,8 +83,20 @@ int backward_old_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
-// Two kernels: the sequential dS row recursion (B*H blocks), then the column sums parallel over segments of
-// kSegChunks chunks (B*H*nSeg blocks). Scratch: dsa [B,T,H,N], then the dS checkpoints [B*H, nSeg, N, N].
+template <typename T, int RS>
+int backward_rows_rs(const BwdArgs& p, float* dsa, float* dsck, cudaStream_t stream) {
+  constexpr int C = split_rows(RS, 2);
+  auto rows = detail::bwd_rows_kernel<T, kHead, kTpr, kSegChunks, C, RS>;
+  const dim3 grid((unsigned)((long long)p.B * p.H * RS));
+  const dim3 block((kHead / RS / C) * kTpr);
+  WKV7_LAUNCH(rows, grid, block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w, p.w_f32,
+              static_cast<const T*>(p.k), static_cast<const T*>(p.a), static_cast<const T*>(p.b),
+              static_cast<const T*>(p.dy), p.dsT, dsa, static_cast<T*>(p.dv), dsck, p.ds0);
+  return (int)cudaGetLastError();
+}
+
+// Two kernels: the sequential dS row recursion (B*H*split blocks), then the column sums parallel over
+// segments of kSegChunks chunks (B*H*nSeg blocks). Scratch: dsa [B,T,H,N], then the dS checkpoints [B*H, nSeg, N, N].
 template <typename T>
 int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   const long long BH = (long long)p.B * p.H;
@@ -75,13 +104,14 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   const int nSeg = (nC + kSegChunks - 1) / kSegChunks;
   float* dsa = p.scratch;
   float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
-  const dim3 block((kHead / 2) * kTpr);
-  auto rows = detail::bwd_rows_kernel<T, kHead, kTpr, kSegChunks>;
-  WKV7_LAUNCH(rows, dim3((unsigned)BH), block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w, p.w_f32,
-              static_cast<const T*>(p.k), static_cast<const T*>(p.a), static_cast<const T*>(p.b),
-              static_cast<const T*>(p.dy), p.dsT, dsa, static_cast<T*>(p.dv), dsck, p.ds0);
-  int err = (int)cudaGetLastError();
+  int err;
+  switch (resolve_split(p.split, BH)) {
+    case 2: err = backward_rows_rs<T, 2>(p, dsa, dsck, stream); break;
+    case 4: err = backward_rows_rs<T, 4>(p, dsa, dsck, stream); break;
+    default: err = backward_rows_rs<T, 1>(p, dsa, dsck, stream); break;
+  }
   if (err || nSeg == 0) return err;
+  const dim3 block((kHead / 2) * kTpr);
   auto cols = detail::bwd_cols_kernel<T, kHead, kTpr, kSubNew, kSegChunks>;
   WKV7_LAUNCH(cols, dim3((unsigned)(BH * nSeg)), block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w,
               p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<const T*>(p.a),
@@ -114,6 +144,40 @@ int resolve_bwd_variant(int variant) {
   return kBwdDefault;
 }
 
+// SMs of the current device, queried once per device (the emulator has no device: it assumes an H100/H200).
+static int sm_count() {
+#ifdef WKV7_EMU
+  return 132;
+#else
+  static int cached[64] = {};  // 0: not queried yet (a racing second query is harmless)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+      cudaGetLastError();  // do not leave the error for the launch check to find
+      n = 132;
+    }
+    cached[dev] = n;
+  }
+  return cached[dev];
+#endif
+}
+
+int resolve_split(int split, long long BH) {
+  if (split == 1 || split == 2 || split == 4) return split;
+  const char* env = std::getenv("KAGGLETRAIN_WKV_SPLIT");
+  if (env && (std::strcmp(env, "1") == 0 || std::strcmp(env, "2") == 0 || std::strcmp(env, "4") == 0))
+    return env[0] - '0';
+  if (!env || std::strcmp(env, "auto") != 0) return kSplitDefault;
+  // auto: at least two blocks per SM when that takes at most 4 blocks per head (below that, a head's rows
+  // are the only parallelism left; above it, more blocks only add staging work).
+  const long long want = 2LL * sm_count();
+  int rs = 1;
+  while (rs < kMaxSplit && BH * rs < want) rs *= 2;
+  return rs;
+}
+
 bool supported(int N, int dtype) {
   if (N != kHead) return false;
   if (dtype == kF32 || dtype == kF16) return true;
@@ -141,6 +205,7 @@ int backward(const BwdArgs& p, cudaStream_t stream) {
   if (!p.ckpt || !p.sa || !p.scratch || !p.dy) return (int)cudaErrorInvalidValue;
   BwdArgs q = p;
   q.variant = resolve_bwd_variant(p.variant);  // must match the bwd_scratch_floats call that sized scratch
+  q.split = resolve_split(p.split, (long long)p.B * p.H);  // scratch does not depend on it
   switch (q.dtype) {
     case kF32: return backward_t<float>(q, stream);
     case kF16: return backward_t<__half>(q, stream);

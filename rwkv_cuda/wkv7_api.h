@@ -29,6 +29,14 @@ enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2 };
 constexpr int kBwdDefault = kBwdOld;  // kBwdNew becomes the default once a GPU run has verified and timed it
 constexpr int kBwdSegChunks = 4;
 
+// Row split of the sequential kernels (the forward and the new backward's row kernel): each head's N value
+// rows go to `split` blocks (1, 2 or 4), so that small B*H still fills the GPU. Results are bitwise the same
+// for every split. 0: KAGGLETRAIN_WKV_SPLIT=1|2|4; "auto": the smallest split with B*H*split >= 2 * (number
+// of SMs), at most kMaxSplit; unset (or anything else): kSplitDefault.
+constexpr int kMaxSplit = 4;
+// 1 because the first H200 run measured every split slower (bf16, B=8, T=4096; see wkv7_kernels.cuh).
+constexpr int kSplitDefault = 1;
+
 struct FwdArgs {
   int B = 0, T = 0, H = 0, N = 0;
   int dtype = kF32;
@@ -39,6 +47,7 @@ struct FwdArgs {
   float* sT = nullptr;        // final state [B,H,N,N]
   float* ckpt = nullptr;      // optional (training): [B,H,num_ckpt(T),N,N], each state TRANSPOSED [key][value]
   float* sa = nullptr;        // optional (training): [B,T,H,N] float32, S_{t-1} a_t
+  int split = 0;              // row split; resolved with resolve_split
 };
 
 struct BwdArgs {
@@ -54,12 +63,17 @@ struct BwdArgs {
   void *dr = nullptr, *dw = nullptr, *dk = nullptr, *dv = nullptr, *da = nullptr, *db = nullptr;
   float* ds0 = nullptr;  // optional gradient of the initial state
   int variant = kBwdAuto;  // BwdVariant; resolved with resolve_bwd_variant
+  int split = 0;           // row split of bwd_rows_kernel (kBwdNew only); resolved with resolve_split
 };
 
 // Floats of backward scratch (in all) for this shape and variant.
 long long bwd_scratch_floats(int B, int T, int H, int N, int variant);
 // kBwdOld or kBwdNew: `variant` itself unless kBwdAuto, then KAGGLETRAIN_WKV_BWD (old|new), else kBwdDefault.
 int resolve_bwd_variant(int variant);
+// 1, 2 or 4: `split` itself if it is one of those, else KAGGLETRAIN_WKV_SPLIT (1|2|4, or auto: the choice for
+// B*H heads on the current device, whose SM count is queried once; the CPU emulator assumes 132), else
+// kSplitDefault.
+int resolve_split(int split, long long BH);
 // True if a kernel for this head size and dtype was compiled into this build.
 bool supported(int N, int dtype);
 // 0 on success, else a cudaError_t value (cudaErrorInvalidValue for unsupported arguments).

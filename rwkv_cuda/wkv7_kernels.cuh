@@ -13,9 +13,24 @@
 // key slice sit at lane distance PW (the slice index is in the high lane bits), which makes the broadcast
 // loads pair-uniform. Sums over a slice are TPR-lane butterfly shuffles (xor PW, 2PW, ...).
 //
-// Forward: one block per head; thread (p, q) holds rows R*p .. R*p+R-1, keys of slice q. Inputs of kCkptLen
-// tokens are staged in shared memory as float32 (decay computed once per element) while the next chunk's
-// are already being fetched into registers. For training it saves S every kCkptLen tokens, TRANSPOSED
+// Row split (KAGGLETRAIN_WKV_SPLIT=1|2|4|auto, default 1; wkv7.cu): the kernels that are sequential over T
+// (the forward and bwd_rows_kernel) give each head RS blocks of N/RS value rows. With one block per head, the
+// 0.1B model (B*H = 96) left 36 of an H200's 132 SMs idle and ran 4 warps on the others, each block at the
+// latency of its per-token chain; rows are independent, so RS blocks of N/RS rows run the identical per-row
+// arithmetic (bitwise equal results, same checkpoint layouts) and fill the GPU. Each block stages all N keys
+// of the key-indexed inputs but only its own rows of v / dy. RS > 1 uses one row per thread (128 threads at
+// RS=2, 64 at RS=4), so the chunk prefetch stays at 2-4 float4 per input and nothing spills.
+// Measured on an H200 (bf16, B=8, T=4096, fwd / fwd+bwd with the new backward, ms): H=12: RS=1 1.36 / 4.19,
+// RS=2 1.71 / 4.89, RS=4 1.56 / 4.71; H=32: RS=1 1.90 / 8.18, RS=2 2.49 / 9.28, RS=4 2.67 / 9.72. Slower: a
+// block's time is T times its per-token dependency chain (dot, shuffles, update, dot, shuffles), which a
+// row split does not shorten, while the extra blocks repeat the staging and shared loads. So the default is
+// RS=1 (kSplitDefault); the split stays selectable for other GPUs / shapes. RS=1 keeps the v / dy loads and
+// stores inside the key arrays' loop: the same PTX as before the split existed (a separate loop there made
+// the forward 14% slower).
+//
+// Forward: RS blocks per head; thread (p, q) holds rows R*p .. R*p+R-1 of its block, keys of slice q. Inputs
+// of kCkptLen tokens are staged in shared memory as float32 (decay computed once per element) while the next
+// chunk's are already being fetched into registers. For training it saves S every kCkptLen tokens, TRANSPOSED
 // ([key][value], so the backward's column-form loads are float4), and sa per token.
 //
 // Backward: one block per head, per chunk of kCkptLen tokens (walked in reverse):
@@ -31,9 +46,10 @@
 //
 // Backward "new" (KAGGLETRAIN_WKV_BWD=new; "old" stays the default until a GPU run has verified and timed
 // this one): the same two phases in two kernels, because only phase A is sequential over T.
-// bwd_rows_kernel (one block per head) runs phase A over all chunks with the next chunk's inputs prefetched, writing dsa (float32) and every CPB chunks the dS rows
-// (transposed: a "dS checkpoint"). bwd_cols_kernel has one block per (head, segment of CPB chunks): from the
-// saved state and the dS checkpoint at the segment end it runs the recompute + phase B above, so B*H*T/(16 CPB)
+// bwd_rows_kernel (RS blocks per head) runs phase A over all chunks with the next chunk's inputs prefetched,
+// writing dsa (float32) and every CPB chunks the dS rows (transposed: a "dS checkpoint"). bwd_cols_kernel has
+// one block per (head, segment of CPB chunks): from the saved state and the dS checkpoint at the segment end
+// it runs the recompute + phase B above, so B*H*T/(16 CPB)
 // blocks share the SMs (12 warps per SM at <= 168 registers instead of 8) and phase B no longer waits on
 // the latency-bound phase A. Sub-chunk states (SUB = 8 there: 8 instead of 12 recompute steps per chunk, at
 // most 7 backsteps: <= 1.7e-6 relative even with every decay at its minimum, 3e-7 typical) sit in a
@@ -190,7 +206,8 @@ template <int TPR>
 __device__ __forceinline__ int slice4(int q, int m) { return 4 * (q + TPR * m); }
 
 // ---------------------------------------------------------------- forward
-// A thread's R x K tile of S (rows R*p.., keys of slice q) into a transposed ([key][value]) state.
+// A thread's R x K tile of S (rows R*p.., keys of slice q) into a transposed ([key][value]) state; pT points
+// at the block's first row (column, transposed).
 template <int N, int TPR, int R, int K>
 __device__ __forceinline__ void store_rows_T(float* __restrict__ pT, const float (&S)[R][K], int p, int q) {
 #pragma unroll
@@ -199,24 +216,42 @@ __device__ __forceinline__ void store_rows_T(float* __restrict__ pT, const float
     for (int e = 0; e < 4; ++e) {
       float* dst = pT + (long long)(slice4<TPR>(q, m) + e) * N + R * p;
       if constexpr (R == 4) IO<float>::store4(dst, make_float4(S[0][4 * m + e], S[1][4 * m + e], S[2][4 * m + e], S[3][4 * m + e]));
-      else IO<float>::store2(dst, S[0][4 * m + e], S[1][4 * m + e]);
+      else if constexpr (R == 2) IO<float>::store2(dst, S[0][4 * m + e], S[1][4 * m + e]);
+      else *dst = S[0][4 * m + e];
     }
 }
 
-template <typename T, int N, int R, int TPR>
-__global__ void __launch_bounds__((N / R) * TPR)
+// Row split: RS blocks per head, block (b*H + h)*RS + s owning value rows s*N/RS .. (s+1)*N/RS - 1 (rows are
+// independent, so each block runs exactly the per-row arithmetic of RS=1: results are bitwise equal). Every
+// block stages the key-indexed inputs of all N keys, but the row-indexed one (v here, dy in bwd_rows_kernel)
+// only for its own rows.
+template <int N, int RS>
+struct RowSplit {
+  static constexpr int NR = N / RS;  // rows per block
+  long long bh;                      // batch * H + head
+  int row0;                          // the block's first row
+  __device__ __forceinline__ explicit RowSplit(long long block) : bh(block / RS), row0((int)(block % RS) * NR) {}
+};
+
+template <typename T, int N, int R, int TPR, int RS>
+__global__ void __launch_bounds__((N / RS / R) * TPR)
 fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
            const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b,
            const float* __restrict__ s0, T* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt,
            float* __restrict__ sa_out) {
   constexpr int CH = kChunk;
-  constexpr int NT = (N / R) * TPR;
+  constexpr int NR = RowSplit<N, RS>::NR;
+  constexpr int NT = (NR / R) * TPR;
   constexpr int K = N / TPR;   // keys per thread
   constexpr int G = K / 4;     // float4 groups per thread
   constexpr int NG = N / 4;    // float4 groups per token vector
-  constexpr int PF = CH * NG / NT;  // float4 groups per array per thread in a chunk load
-  static_assert((R == 2 || R == 4) && TPR == 4, "y/sa stores: R=4 lane q writes row q; R=2 lanes 0/1 write y/sa");
-  static_assert(N % (4 * TPR) == 0 && NT % 32 == 0 && (CH * NG) % NT == 0, "bad tiling");
+  constexpr int NGV = NR / 4;  // float4 groups of the block's rows of v
+  constexpr int PF = CH * NG / NT;    // float4 groups per key-indexed array per thread in a chunk load
+  constexpr int PFV = CH * NGV / NT;  // the same for v
+  static_assert((R == 1 || R == 2 || R == 4) && TPR == 4,
+                "y/sa stores: R=4 lane q writes row q; R=2 lanes 0/1 write y/sa pairs; R=1 lanes 0/1 write y/sa");
+  static_assert(N % (4 * TPR) == 0 && N % (4 * RS) == 0 && NT % 32 == 0 && (CH * NG) % NT == 0 &&
+                (CH * NGV) % NT == 0, "bad tiling");
   using Raw = typename IO<T>::raw4;
 
   __shared__ __align__(16) float s_r[CH * N];
@@ -224,31 +259,33 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
   __shared__ __align__(16) float s_k[CH * N];
   __shared__ __align__(16) float s_a[CH * N];
   __shared__ __align__(16) float s_b[CH * N];
-  __shared__ __align__(16) float s_v[CH * N];
+  __shared__ __align__(16) float s_v[CH * NR];  // [token][the block's rows]
 
   const int tid = threadIdx.x;
   const Lanes<TPR> ln(tid);
   const int q = ln.q, p = ln.p;
   constexpr int PW = Lanes<TPR>::PW;
-  const long long bh = blockIdx.x;  // batch * H + head
+  const RowSplit<N, RS> rs(blockIdx.x);
+  const long long bh = rs.bh;
+  const int row0 = rs.row0;
   const int h = (int)(bh % H);
   const long long bidx = bh / H;
   const long long NN = (long long)N * N;
   const int nC = (T_len + CH - 1) / CH;
-  float* ck = ckpt ? ckpt + bh * (nC + 1) * NN : nullptr;  // transposed: [key][value]
+  float* ck = ckpt ? ckpt + bh * (nC + 1) * NN + row0 : nullptr;  // transposed: [key][value], our rows
 
   float S[R][K];
 #pragma unroll
   for (int rr = 0; rr < R; ++rr)
 #pragma unroll
     for (int m = 0; m < G; ++m) {
-      const float4 x = s0 ? IO<float>::load4(s0 + bh * NN + (long long)(R * p + rr) * N + slice4<TPR>(q, m))
+      const float4 x = s0 ? IO<float>::load4(s0 + bh * NN + (long long)(row0 + R * p + rr) * N + slice4<TPR>(q, m))
                           : make_float4(0.f, 0.f, 0.f, 0.f);
       S[rr][4 * m] = x.x; S[rr][4 * m + 1] = x.y; S[rr][4 * m + 2] = x.z; S[rr][4 * m + 3] = x.w;
     }
 
   // Chunk inputs in flight, raw (so issuing the loads never waits for them).
-  Raw pr[PF], pk[PF], pa[PF], pb[PF], pv[PF];
+  Raw pr[PF], pk[PF], pa[PF], pb[PF], pv[PFV];
   uint4 pw[PF];
   auto fetch = [&](int c) {
     const int t0 = c * CH, L = min(CH, T_len - t0);
@@ -260,8 +297,15 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
       pk[u] = IO<T>::load_raw4(k + off);
       pa[u] = IO<T>::load_raw4(a + off);
       pb[u] = IO<T>::load_raw4(b + off);
-      pv[u] = IO<T>::load_raw4(v + off);
+      if constexpr (RS == 1) pv[u] = IO<T>::load_raw4(v + off);  // RS=1: the original instruction order
       pw[u] = load_w_raw4<T>(w, w_f32, off);
+    }
+    if constexpr (RS > 1) {
+#pragma unroll
+      for (int u = 0; u < PFV; ++u) {
+        const int idx = tid + u * NT, tt = idx / NGV, g = idx % NGV;
+        pv[u] = IO<T>::load_raw4(v + ((bidx * T_len + t0 + min(tt, L - 1)) * H + h) * N + row0 + 4 * g);
+      }
     }
   };
   if (nC > 0) fetch(0);
@@ -278,8 +322,12 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
       sts4(s_k + 4 * idx, IO<T>::cvt4(pk[u]));
       sts4(s_a + 4 * idx, IO<T>::cvt4(pa[u]));
       sts4(s_b + 4 * idx, IO<T>::cvt4(pb[u]));
-      sts4(s_v + 4 * idx, IO<T>::cvt4(pv[u]));
+      if constexpr (RS == 1) sts4(s_v + 4 * idx, IO<T>::cvt4(pv[u]));
       sts4(s_d + 4 * idx, decay4(cvt_w4<T>(pw[u], w_f32)));
+    }
+    if constexpr (RS > 1) {
+#pragma unroll
+      for (int u = 0; u < PFV; ++u) sts4(s_v + 4 * (tid + u * NT), IO<T>::cvt4(pv[u]));
     }
     __syncthreads();
     if (c + 1 < nC) fetch(c + 1);  // lands while this chunk computes
@@ -302,11 +350,13 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
       for (int rr = 0; rr < R; ++rr) sa[rr] = group_sum<TPR, PW>(acc[rr][0] + acc[rr][1]);
       float vr[R];
       if constexpr (R == 4) {
-        const float4 x = lds4(s_v + tn + R * p);
+        const float4 x = lds4(s_v + tt * NR + R * p);
         vr[0] = x.x; vr[1] = x.y; vr[2] = x.z; vr[3] = x.w;
-      } else {
-        const float2 x = lds2(s_v + tn + R * p);
+      } else if constexpr (R == 2) {
+        const float2 x = lds2(s_v + tt * NR + R * p);
         vr[0] = x.x; vr[1] = x.y;
+      } else {
+        vr[0] = s_v[tt * NR + p];
       }
       float yacc[R][2];
 #pragma unroll
@@ -328,15 +378,18 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
       float yy[R];
 #pragma unroll
       for (int rr = 0; rr < R; ++rr) yy[rr] = group_sum<TPR, PW>(yacc[rr][0] + yacc[rr][1]);
-      const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + R * p;
+      const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + row0 + R * p;
       if constexpr (R == 4) {  // lane q writes row R*p + q: a warp writes 32 consecutive rows
         const float my_y = q == 0 ? yy[0] : q == 1 ? yy[1] : q == 2 ? yy[2] : yy[3];
         const float my_sa = q == 0 ? sa[0] : q == 1 ? sa[1] : q == 2 ? sa[2] : sa[3];
         IO<T>::store1(y + off + q, my_y);
         if (sa_out) sa_out[off + q] = my_sa;
-      } else {  // lane 0 writes the y pair, lane 1 the sa pair
+      } else if constexpr (R == 2) {  // lane 0 writes the y pair, lane 1 the sa pair
         if (q == 0) IO<T>::store2(y + off, yy[0], yy[1]);
         if (q == 1 && sa_out) IO<float>::store2(sa_out + off, sa[0], sa[1]);
+      } else {  // lane 0 writes y, lane 1 sa
+        if (q == 0) IO<T>::store1(y + off, yy[0]);
+        if (q == 1 && sa_out) sa_out[off] = sa[0];
       }
     }
   }
@@ -344,11 +397,10 @@ fwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
   for (int rr = 0; rr < R; ++rr)
 #pragma unroll
     for (int m = 0; m < G; ++m)
-      IO<float>::store4(sT + bh * NN + (long long)(R * p + rr) * N + slice4<TPR>(q, m),
+      IO<float>::store4(sT + bh * NN + (long long)(row0 + R * p + rr) * N + slice4<TPR>(q, m),
                         make_float4(S[rr][4 * m], S[rr][4 * m + 1], S[rr][4 * m + 2], S[rr][4 * m + 3]));
   if (ck) store_rows_T<N, TPR, R, K>(ck + nC * NN, S, p, q);
 }
-
 
 // ---------------------------------------------------------------- backward
 // Columns 2p, 2p+1 of a transposed ([key][value]) state, rows of slice q: float4 loads.
@@ -634,7 +686,7 @@ bwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
 // GPU that is ~8 warps per SM, and the whole backward runs at the issue rate of a latency-bound loop.
 // Only phase A (the dS row recursion) is truly sequential over T; given dS at a chunk end (and the dsa of
 // its tokens), the recompute + phase B of that chunk need nothing from other chunks. So:
-//  bwd_rows_kernel (B*H blocks): phase A over all chunks (inputs prefetched one chunk ahead, 6 arrays staged
+//  bwd_rows_kernel (B*H*RS blocks): phase A over all chunks (inputs prefetched one chunk ahead, 6 arrays staged
 //    instead of 11), writing dv, dsa (float32, global) and dS every CPB chunks (transposed, "dS checkpoints");
 //  bwd_cols_kernel (B*H*ceil(nC/CPB) blocks, i.e. parallel over T): per segment of CPB chunks, from the
 //    saved state at the segment end and the dS checkpoint, the recompute + phase B of the old kernel,
@@ -643,21 +695,26 @@ bwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
 
 // Phase A over the whole sequence. Scratch: dsa [B,T,H,N] float32; dsck [B*H, nSeg, N, N] transposed, entry g
 // = the gradient of the state at the end of segment g (the state after token min(T, (g+1)*CPB*CH) - 1).
-template <typename T, int N, int TPR, int CPB>
-__global__ void __launch_bounds__((N / 2) * TPR)
+// C dS rows per thread; RS blocks per head (RowSplit), each writing its own rows of dsa, dv, dsck and ds0.
+template <typename T, int N, int TPR, int CPB, int C, int RS>
+__global__ void __launch_bounds__((N / RS / C) * TPR)
 bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
                 const T* __restrict__ k, const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
                 const float* __restrict__ dsT, float* __restrict__ dsa_out, T* __restrict__ dv,
                 float* __restrict__ dsck, float* __restrict__ ds0) {
   constexpr int CH = kChunk;
-  constexpr int C = 2;
-  constexpr int NT = (N / C) * TPR;
+  constexpr int NR = RowSplit<N, RS>::NR;
+  constexpr int NT = (NR / C) * TPR;
   constexpr int K = N / TPR;
   constexpr int G = K / 4;
   constexpr int NG = N / 4;
-  constexpr int PF = CH * NG / NT;
+  constexpr int NGY = NR / 4;         // float4 groups of the block's rows of dy
+  constexpr int PF = CH * NG / NT;    // per key-indexed array
+  constexpr int PFY = CH * NGY / NT;  // for dy
   constexpr int PW = Lanes<TPR>::PW;
-  static_assert(N % (4 * TPR) == 0 && NT % 32 == 0 && (CH * NG) % NT == 0, "bad tiling");
+  static_assert(C == 1 || C == 2, "dsa/dv stores: lanes 0/1 write one value or a pair");
+  static_assert(N % (4 * TPR) == 0 && N % (4 * RS) == 0 && NT % 32 == 0 && (CH * NG) % NT == 0 &&
+                (CH * NGY) % NT == 0, "bad tiling");
   using Raw = typename IO<T>::raw4;
 
   __shared__ __align__(16) float s_r[CH * N];
@@ -665,26 +722,28 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
   __shared__ __align__(16) float s_k[CH * N];
   __shared__ __align__(16) float s_a[CH * N];
   __shared__ __align__(16) float s_b[CH * N];
-  __shared__ __align__(16) float s_dy[CH * N];
+  __shared__ __align__(16) float s_dy[CH * NR];  // [token][the block's rows]
 
   const int tid = threadIdx.x;
   const Lanes<TPR> ln(tid);
   const int q = ln.q, p = ln.p;
-  const long long bh = blockIdx.x;
+  const RowSplit<N, RS> rs(blockIdx.x);
+  const long long bh = rs.bh;
+  const int row0 = rs.row0;
   const int h = (int)(bh % H);
   const long long bidx = bh / H;
   const long long NN = (long long)N * N;
   const int nC = (T_len + CH - 1) / CH;
   const int nSeg = (nC + CPB - 1) / CPB;
-  float* ckd = dsck + bh * nSeg * NN;
+  float* ckd = dsck + bh * nSeg * NN + row0;  // transposed: our rows are columns row0..
 
-  float dSr[C][K];  // dS rows 2p+cc, keys of slice q
+  float dSr[C][K];  // dS rows row0 + C*p + cc, keys of slice q
   if (dsT) {
 #pragma unroll
     for (int cc = 0; cc < C; ++cc)
 #pragma unroll
       for (int m = 0; m < G; ++m) {
-        const float4 x = IO<float>::load4(dsT + bh * NN + (long long)(2 * p + cc) * N + slice4<TPR>(q, m));
+        const float4 x = IO<float>::load4(dsT + bh * NN + (long long)(row0 + C * p + cc) * N + slice4<TPR>(q, m));
         dSr[cc][4 * m] = x.x; dSr[cc][4 * m + 1] = x.y; dSr[cc][4 * m + 2] = x.z; dSr[cc][4 * m + 3] = x.w;
       }
   } else {
@@ -694,7 +753,7 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
       for (int x = 0; x < K; ++x) dSr[cc][x] = 0.f;
   }
 
-  Raw pr[PF], pk[PF], pa[PF], pb[PF], pg[PF];
+  Raw pr[PF], pk[PF], pa[PF], pb[PF], pg[PFY];
   uint4 pw[PF];
   auto fetch = [&](int c) {
     const int t0 = c * CH, L = min(CH, T_len - t0);
@@ -706,8 +765,15 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
       pk[u] = IO<T>::load_raw4(k + off);
       pa[u] = IO<T>::load_raw4(a + off);
       pb[u] = IO<T>::load_raw4(b + off);
-      pg[u] = IO<T>::load_raw4(dy + off);
+      if constexpr (RS == 1) pg[u] = IO<T>::load_raw4(dy + off);  // RS=1: the original instruction order
       pw[u] = load_w_raw4<T>(w, w_f32, off);
+    }
+    if constexpr (RS > 1) {
+#pragma unroll
+      for (int u = 0; u < PFY; ++u) {
+        const int idx = tid + u * NT, tt = idx / NGY, g = idx % NGY;
+        pg[u] = IO<T>::load_raw4(dy + ((bidx * T_len + t0 + min(tt, L - 1)) * H + h) * N + row0 + 4 * g);
+      }
     }
   };
   if (nC > 0) fetch(nC - 1);
@@ -715,7 +781,7 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
   for (int c = nC - 1; c >= 0; --c) {
     const int t0 = c * CH;
     const int L = min(CH, T_len - t0);
-    if (c == nC - 1 || (c + 1) % CPB == 0) store_rows_T<N, TPR, 2, K>(ckd + (c / CPB) * NN, dSr, p, q);
+    if (c == nC - 1 || (c + 1) % CPB == 0) store_rows_T<N, TPR, C, K>(ckd + (c / CPB) * NN, dSr, p, q);
     __syncthreads();  // the previous chunk's steps are done with shared memory
 #pragma unroll
     for (int u = 0; u < PF; ++u) {
@@ -724,15 +790,25 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
       sts4(s_k + 4 * idx, IO<T>::cvt4(pk[u]));
       sts4(s_a + 4 * idx, IO<T>::cvt4(pa[u]));
       sts4(s_b + 4 * idx, IO<T>::cvt4(pb[u]));
-      sts4(s_dy + 4 * idx, IO<T>::cvt4(pg[u]));
+      if constexpr (RS == 1) sts4(s_dy + 4 * idx, IO<T>::cvt4(pg[u]));
       sts4(s_d + 4 * idx, decay4(cvt_w4<T>(pw[u], w_f32)));
+    }
+    if constexpr (RS > 1) {
+#pragma unroll
+      for (int u = 0; u < PFY; ++u) sts4(s_dy + 4 * (tid + u * NT), IO<T>::cvt4(pg[u]));
     }
     __syncthreads();
     if (c > 0) fetch(c - 1);  // lands while this chunk computes
 
     for (int tt = L - 1; tt >= 0; --tt) {
       const int tn = tt * N;
-      const float2 dy2 = lds2(s_dy + tn + 2 * p);
+      float dyr[C];
+      if constexpr (C == 2) {
+        const float2 x = lds2(s_dy + tt * NR + 2 * p);
+        dyr[0] = x.x; dyr[1] = x.y;
+      } else {
+        dyr[0] = s_dy[tt * NR + p];
+      }
       float ra[C][2], rv[C][2];
 #pragma unroll
       for (int cc = 0; cc < C; ++cc) ra[cc][0] = ra[cc][1] = rv[cc][0] = rv[cc][1] = 0.f;
@@ -745,7 +821,7 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
 #pragma unroll
           for (int cc = 0; cc < C; ++cc) {
             float& x = dSr[cc][4 * m + e];
-            x = fmaf(comp2(dy2, cc), comp(r4, e), x);  // dS' = dS + dy r^T
+            x = fmaf(dyr[cc], comp(r4, e), x);  // dS' = dS + dy r^T
             ra[cc][e & 1] = fmaf(x, comp(b4, e), ra[cc][e & 1]);
             rv[cc][e & 1] = fmaf(x, comp(k4, e), rv[cc][e & 1]);
           }
@@ -756,9 +832,14 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
         dsa[cc] = group_sum<TPR, PW>(ra[cc][0] + ra[cc][1]);
         dvv[cc] = group_sum<TPR, PW>(rv[cc][0] + rv[cc][1]);
       }
-      const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + 2 * p;
-      if (q == 0) IO<float>::store2(dsa_out + off, dsa[0], dsa[1]);
-      if (q == 1) IO<T>::store2(dv + off, dvv[0], dvv[1]);
+      const long long off = ((bidx * T_len + t0 + tt) * H + h) * N + row0 + C * p;
+      if constexpr (C == 2) {
+        if (q == 0) IO<float>::store2(dsa_out + off, dsa[0], dsa[1]);
+        if (q == 1) IO<T>::store2(dv + off, dvv[0], dvv[1]);
+      } else {
+        if (q == 0) dsa_out[off] = dsa[0];
+        if (q == 1) IO<T>::store1(dv + off, dvv[0]);
+      }
 #pragma unroll
       for (int m = 0; m < G; ++m) {
         const int j = slice4<TPR>(q, m);
@@ -775,7 +856,7 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
     for (int cc = 0; cc < C; ++cc)
 #pragma unroll
       for (int m = 0; m < G; ++m)
-        IO<float>::store4(ds0 + bh * NN + (long long)(2 * p + cc) * N + slice4<TPR>(q, m),
+        IO<float>::store4(ds0 + bh * NN + (long long)(row0 + C * p + cc) * N + slice4<TPR>(q, m),
                           make_float4(dSr[cc][4 * m], dSr[cc][4 * m + 1], dSr[cc][4 * m + 2], dSr[cc][4 * m + 3]));
   }
 }

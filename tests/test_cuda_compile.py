@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,10 +51,17 @@ def test_nvcc_compiles(nvcc_builds, arch):
     rc, log, obj = nvcc_builds[arch]
     assert rc == 0, f"nvcc -arch={arch} failed:\n{log}"
     assert obj.stat().st_size > 0
-    # ptxas reports per dtype one forward and three backward kernels (the old one-kernel backward, and the
-    # new one's row and column kernels): 2 dtypes on sm_75, 3 on sm_90.
+    # ptxas reports per dtype the forward and the new backward's row kernel once per row split (1, 2, 4), the
+    # old one-kernel backward and the new one's column kernel: 8 kernels per dtype, 2 dtypes on sm_75, 3 on sm_90.
     n_kernels = log.count("Compiling entry function")
-    assert n_kernels == (8 if arch == "sm_75" else 12), log
+    assert n_kernels == (16 if arch == "sm_75" else 24), log
+    per_kind = {}
+    for name in _ptxas_kernels(log):
+        kind = next(k for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_kernel") if k in name)
+        per_kind[kind] = per_kind.get(kind, 0) + 1
+    n_dtypes = 2 if arch == "sm_75" else 3
+    assert per_kind == {"fwd_kernel": 3 * n_dtypes, "bwd_rows_kernel": 3 * n_dtypes,
+                        "bwd_cols_kernel": n_dtypes, "bwd_kernel": n_dtypes}, per_kind
 
 
 def test_bf16_only_for_sm80_plus(nvcc_builds):
@@ -62,6 +70,33 @@ def test_bf16_only_for_sm80_plus(nvcc_builds):
         rc, log, _ = nvcc_builds[arch]
         assert rc == 0
         assert ("nv_bfloat16" in log) is want, f"{arch}: bf16 kernels present={not want}"
+
+
+def _ptxas_kernels(log: str) -> dict:
+    """{mangled kernel name: {"registers": n, "spill_stores": bytes}} from nvcc -Xptxas=-v output."""
+    kernels, name = {}, None
+    for line in log.splitlines():
+        if "Compiling entry function" in line:
+            name = line.split("'")[1]
+            kernels[name] = {}
+        elif name and "bytes spill stores" in line:
+            kernels[name]["spill_stores"] = int(line.split("bytes spill stores")[0].split(",")[-1])
+        elif name and "Used" in line and "registers" in line:
+            kernels[name]["registers"] = int(line.split("Used")[1].split("registers")[0])
+    return kernels
+
+
+def test_split_kernels_do_not_spill(nvcc_builds):
+    """The sequential kernels run once per row split (KAGGLETRAIN_WKV_SPLIT=1|2|4): the split instantiations
+    (2 and 4 blocks per head; the last template argument) of the forward and of the backward's row kernel keep
+    their state tile and chunk prefetch in registers (split 1 is the old tiling: see the test below)."""
+    for arch in NVCC_ARCHS:
+        kernels = _ptxas_kernels(nvcc_builds[arch][1])
+        split = {n: k for n, k in kernels.items() if ("fwd_kernel" in n or "bwd_rows_kernel" in n)
+                 and re.search(r"Li(\d+)EEEv", n).group(1) in ("2", "4")}
+        assert len(split) == (4 if arch == "sm_75" else 6) * 2, sorted(kernels)
+        for name, k in split.items():
+            assert k.get("spill_stores") == 0 and k.get("registers", 999) <= 255, f"{arch} {name}: {k}"
 
 
 def test_backward_has_no_large_spills(nvcc_builds):
@@ -127,14 +162,13 @@ CASES = [  # B, T, H, dtype, w_f32, with initial state, with final-state grad
     (1, 128, 1, torch.float32, False, False, True),  # exactly two segments
     (2, 70, 1, torch.float16, False, True, False),
 ]
-# The backward implementations (KAGGLETRAIN_WKV_BWD): "old" one kernel, "new" rows + parallel columns kernels.
-VARIANTS = ["old", "new"]
+# The backward implementations (KAGGLETRAIN_WKV_BWD): "old" one kernel, "new" rows + parallel columns kernels;
+# with the row split of the forward and the row kernel (KAGGLETRAIN_WKV_SPLIT: 1, 2 or 4 blocks per head). The
+# old backward only sees the split through the forward's checkpoints and sa: split 1 and 4 are enough there.
+VARIANTS = [("old", 1), ("old", 4), ("new", 1), ("new", 2), ("new", 4)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("B,T,H,dtype,w_f32,has_s0,has_dsT", CASES)
-def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f32, has_s0, has_dsT, variant):
-    N = 64
+def _case_inputs(B, T, H, N, dtype, w_f32, has_s0, has_dsT):
     gen = torch.Generator().manual_seed(1000 * T + 10 * B + H)
     r, w, k, v, a, b = _inputs(B, T, H, N, gen)
     ins = [t.to(dtype) for t in (r, w, k, v, a, b)]
@@ -143,16 +177,27 @@ def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f
     s0 = torch.randn(B, H, N, N, generator=gen) * 0.3 if has_s0 else None
     dy = torch.randn(B, T, H, N, generator=gen).to(dtype)
     dsT = torch.randn(B, H, N, N, generator=gen) if has_dsT else None
-
     header = np.array([B, T, H, N, DTYPE_CODE[dtype], int(w_f32), int(has_s0), int(has_dsT)], np.int32).tobytes()
     blob = header + b"".join(_raw(t) for t in ins) + (_raw(s0) if has_s0 else b"") + _raw(dy)
     blob += _raw(dsT) if has_dsT else b""
+    return ins, s0, dy, dsT, blob
+
+
+def _run_emu(emu_exe, tmp_path, blob, variant, split) -> bytes:
     (tmp_path / "in.bin").write_bytes(blob)
-    env = {**os.environ, "KAGGLETRAIN_WKV_BWD": variant}
+    env = {**os.environ, "KAGGLETRAIN_WKV_BWD": variant, "KAGGLETRAIN_WKV_SPLIT": str(split)}
     p = subprocess.run([str(emu_exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
-    out = (tmp_path / "out.bin").read_bytes()
+    return (tmp_path / "out.bin").read_bytes()
+
+
+@pytest.mark.parametrize("variant,split", VARIANTS, ids=[f"{v}-split{s}" for v, s in VARIANTS])
+@pytest.mark.parametrize("B,T,H,dtype,w_f32,has_s0,has_dsT", CASES)
+def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f32, has_s0, has_dsT, variant, split):
+    N = 64
+    ins, s0, dy, dsT, blob = _case_inputs(B, T, H, N, dtype, w_f32, has_s0, has_dsT)
+    out = _run_emu(emu_exe, tmp_path, blob, variant, split)
     shape, sshape = (B, T, H, N), (B, H, N, N)
     off = 0
     y, off = _take(out, off, shape, dtype)
@@ -180,6 +225,15 @@ def test_emulated_kernels_match_reference(emu_exe, tmp_path, B, T, H, dtype, w_f
         assert torch.isfinite(have.float()).all(), f"{name}: unwritten (NaN-poisoned) or non-finite elements"
         err = ((have.double() - want).norm() / want.norm()).item()
         assert err <= tol, f"{name}: relative L2 error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("B,T,H,dtype,w_f32,has_s0,has_dsT", [CASES[0], CASES[5], CASES[6]])
+def test_emulated_splits_bitwise_equal(emu_exe, tmp_path, B, T, H, dtype, w_f32, has_s0, has_dsT):
+    """Each block of a split runs the same per-row arithmetic: y, the state and every gradient are bitwise
+    the same for 1, 2 and 4 blocks per head (and "auto", which is 4 for these few heads)."""
+    blob = _case_inputs(B, T, H, 64, dtype, w_f32, has_s0, has_dsT)[-1]
+    outs = {split: _run_emu(emu_exe, tmp_path, blob, "new", split) for split in ("1", "2", "4", "auto")}
+    assert all(out == outs["1"] for out in outs.values()), {s: out == outs["1"] for s, out in outs.items()}
 
 
 def test_emulator_keeps_sources_in_package():
