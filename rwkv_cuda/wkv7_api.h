@@ -26,7 +26,7 @@ inline long long num_ckpt(int T) { return (T + kCkptLen - 1) / kCkptLen + 1; }
 // sequential dS row recursion in one kernel, then the column sums parallel over segments of kBwdSegChunks
 // chunks in a second one. kBwdAuto: the environment variable KAGGLETRAIN_WKV_BWD=old|new, else kBwdDefault.
 enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2 };
-constexpr int kBwdDefault = kBwdOld;  // kBwdNew becomes the default once a GPU run has verified and timed it
+constexpr int kBwdDefault = kBwdNew;  // H200: passed every float64-reference case; 7.71 vs 9.91 ms fwd+bwd (bf16)
 constexpr int kBwdSegChunks = 4;
 
 // Row split of the sequential kernels (the forward and the new backward's row kernel): each head's N value

@@ -58,7 +58,7 @@ rm -f "$OUT/errors.jsonl"
 KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout "$(cap 200)" "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py tests/test_cuda_torch_compile.py \
   -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.txt"
 TEST_RC=${PIPESTATUS[0]}
-# The two-kernel backward ("new") becomes the default only by KAGGLETRAIN_WKV_BWD; the end-to-end runs
+# The two-kernel backward ("new") is the default; the end-to-end runs
 # below use whichever backward passed every reference case (new first: it is the candidate).
 if [ "$TEST_RC" -ne 0 ] && grep -E "^(FAILED|ERROR).*new" "$OUT/pytest.txt" >/dev/null; then
   export KAGGLETRAIN_WKV_BWD=old

@@ -6,7 +6,8 @@ logits over the whole range, L2-normalised kk, a = -kk, b = kk * gate, random in
 gradients on y AND the final state. Tolerance on the relative L2 error of y, the final state and every
 gradient: 1e-5 for float32 inputs, 3e-3 for float16/bfloat16 (the reference sees the same rounded inputs).
 
-The backward has two implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new (default: old, the GPU-verified one, until a GPU run verifies and times new):
+The backward has two implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new (default: new, the two-kernel one, since an
+H200 run verified and timed it):
 the reference comparisons run with both; the other tests with the default. The forward and the new backward's
 row kernel split each head's rows over KAGGLETRAIN_WKV_SPLIT=1|2|4|auto blocks (default 1): a few reference
 cases run with each split, and one test checks that all splits give bitwise the same outputs and gradients.
@@ -286,7 +287,7 @@ def test_bwd_variant_selection(wkv_cuda, monkeypatch):
         (y.sum() + (sT ** 2).sum()).backward()
         grads[variant] = [x.grad for x in X]
     monkeypatch.delenv("KAGGLETRAIN_WKV_BWD")
-    assert ext.bwd_variant() == "old"
+    assert ext.bwd_variant() == "new"  # the default since the H200 run of 2026-11-28
     for a, b in zip(grads["old"], grads["new"]):
         assert _rel(b, a.double()) < 1e-5
 
