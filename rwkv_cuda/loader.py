@@ -58,7 +58,10 @@ def _arch() -> tuple[int, int]:
 
 def _flags(arch: tuple[int, int]) -> list[str]:
     # bf16 kernels exist only for sm_80+: on a T4 (sm_75) they are not compiled at all.
-    return [*CUDA_FLAGS, f"-DWKV7_WITH_BF16={1 if arch[0] >= 8 else 0}"]
+    # KAGGLETRAIN_CUDA_EXTRA_FLAGS (developers' tuning sweeps, e.g. "-DWKV7_COLS_MINB=4") is part of the
+    # cache key like every other flag, so each variant gets its own build.
+    extra = os.environ.get("KAGGLETRAIN_CUDA_EXTRA_FLAGS", "").split()
+    return [*CUDA_FLAGS, f"-DWKV7_WITH_BF16={1 if arch[0] >= 8 else 0}", *extra]
 
 
 def build_key(arch: tuple[int, int]) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
 # benchmarks (WKV old/new backward; 0.1B end to end, eager + profile, then per-block torch.compile; three
-# dry runs; the gradient-checkpointing pair if time is left), print a short summary table LAST.
+# dry runs; a tuning sweep of the kernel's compile-time knobs if time is left), print a short summary LAST.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
 #   GPU_CHECK_BUDGET_S=500 timeout 550 scripts/gpu_check.sh   (~6-8 min on an H200; each step is capped
 #   by what is left of the budget, and skipped when too little is left). Logs and JSON go to $OUT when set (device tool), else a temp dir.
@@ -95,9 +95,9 @@ enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.se
   DRY3_RC=$?; }
 
 save
-echo "== gradient-checkpointing pair (issue 5, informational, if time is left)"
-enough 50 && timeout "$(cap 90)" "$PY" benchmarks/bench_train_gpu.py --grad-ckpt --steps 4 \
-  --json "$OUT/bench_train_gpu_ckpt.json" 2>&1 | tee "$OUT/train_ckpt.txt"
+echo "== tuning sweep of the kernel's compile-time knobs (benchmarks/sweep_wkv_gpu.py, if time is left)"
+enough 120 && timeout "$(cap 400)" "$PY" benchmarks/sweep_wkv_gpu.py --budget-s $(( $(left) - 90 )) \
+  --json "$OUT/sweep_wkv_gpu.json" 2>&1 | tee "$OUT/sweep.txt"
 
 save
 {
@@ -127,7 +127,7 @@ EOF
 echo "bench rc=$BENCH_RC; end-to-end runs used KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
-"$PY" -c "import json,sys; a,b=(json.load(open(p)) for p in sys.argv[1:3]); print(f\"grad ckpt (12 layers): activations {a['activation_mem_gib']:.2f} -> {b['activation_mem_gib']:.2f} GiB ({a['activation_mem_gib']/b['activation_mem_gib']:.2f}x less), step time {b['step_ms_median']/a['step_ms_median']:.2f}x\")" "$OUT/bench_train_gpu.json" "$OUT/bench_train_gpu_ckpt.json" 2>/dev/null || echo "grad ckpt pair: no result"
+grep -h "^| " "$OUT/sweep.txt" 2>/dev/null || echo "sweep: not run"
 "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('fitting_settings') or r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
 for f in dry_run_gpu dry_run_gpu_0.1b; do
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"

@@ -241,3 +241,17 @@ def test_emulator_keeps_sources_in_package():
     for name in ("wkv7.cu", "wkv7_torch.cpp", "wkv7_api.h", "wkv7_kernels.cuh", "cuda_emu.h", "emu_main.cpp"):
         assert (SRC / name).is_file(), name
     assert os.path.basename(rwkv_cuda.loader.SRC_DIR) == "rwkv_cuda"
+
+
+def test_extra_flags_get_their_own_cached_build(monkeypatch):
+    """KAGGLETRAIN_CUDA_EXTRA_FLAGS (tuning sweeps) changes the build-cache key, so variants never share a build."""
+    from rwkv_cuda.loader import build_key
+
+    monkeypatch.delenv("KAGGLETRAIN_CUDA_EXTRA_FLAGS", raising=False)
+    base = build_key((9, 0))
+    monkeypatch.setenv("KAGGLETRAIN_CUDA_EXTRA_FLAGS", "-DWKV7_COLS_MINB=4")
+    variant = build_key((9, 0))
+    monkeypatch.setenv("KAGGLETRAIN_CUDA_EXTRA_FLAGS", "-DWKV7_COLS_MINB=2")
+    assert len({base, variant, build_key((9, 0))}) == 3
+    monkeypatch.delenv("KAGGLETRAIN_CUDA_EXTRA_FLAGS")
+    assert build_key((9, 0)) == base
