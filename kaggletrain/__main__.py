@@ -1,5 +1,3 @@
-import sys
+from kaggletrain.cli import entry
 
-from kaggletrain.cli import main
-
-sys.exit(main())
+entry()

@@ -101,5 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The console script and `python -m kaggletrain`: main(), then end the process (see process.py)."""
+    from kaggletrain.process import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

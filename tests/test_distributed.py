@@ -400,3 +400,17 @@ def test_ddp_with_gradient_checkpointing_matches_one_process(setup):
     run(2, "train", cfg, f"out_dir={run_dir}", "train.micro_batch_size=1", "train.gradient_checkpointing=true")
     assert_losses_match(run_dir, base_recs, range(1, STEPS + 1))
     assert_weights_match(run_dir / "checkpoints" / f"step-{STEPS:08d}", base / "checkpoints" / f"step-{STEPS:08d}")
+
+
+def test_a_distributed_process_ends_with_its_code_and_output_but_no_destructors():
+    """kaggletrain.process: once a distributed run holds its trainer, the process ends through os._exit
+    (ProcessGroupGloo's destructor can deadlock against its worker thread), output flushed, code kept."""
+    code = ("import sys; from kaggletrain.process import hold_until_exit, exit_process\n"
+            "class Loud:\n"
+            "    def __del__(self): print('destructor ran')\n"
+            "hold_until_exit(Loud()); print('trained', end=''); sys.stderr.write('warned'); exit_process(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "trained", "warned")
+    plain = subprocess.run([sys.executable, "-c", "from kaggletrain.process import exit_process; exit_process(4)"],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 4

@@ -36,10 +36,13 @@ def train(
         return
     from rich.console import Console
 
+    from kaggletrain.process import hold_until_exit
     from kaggletrain.train.loop import Trainer
 
     console = Console()
     trainer = Trainer(cfg, resume=resume, progress=progress)
+    if trainer.dist.enabled:
+        hold_until_exit(trainer)
     try:
         trainer.setup()
         if trainer.dist.is_main:
