@@ -59,6 +59,10 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
     rss_before = _rss_peak_bytes()
     t_setup = time.perf_counter()
     trainer = Trainer(dcfg, resume=False, progress=False)
+    if trainer.dist.enabled and not _trial:  # see kaggletrain/process.py; probes must free their memory
+        from kaggletrain.process import hold_until_exit
+
+        hold_until_exit(trainer)
     try:
         trainer.setup()
         setup_s = time.perf_counter() - t_setup
@@ -90,7 +94,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
         trainer.close()
         tmp.cleanup()
     if oom:
-        del trainer
+        del trainer  # (a distributed run's trainer stays held: see above)
         _release(device)
         report["suggestion"] = _search_fitting_batch(cfg, world)
     return report
