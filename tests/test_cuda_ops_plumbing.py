@@ -139,3 +139,39 @@ def test_reference_extension_gradients_match_autograd(ref_ext):
     ((y_ref * dy).sum() + (sT_ref * dsT.double()).sum()).backward()
     for name, x, xr in zip(["r", "w", "k", "v", "a", "b", "s0"], X + [S0], R + [RS0]):
         torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_rwkv_blocks_compile_as_one_graph_around_the_operator(ref_ext, monkeypatch):
+    """The model's own block code traces in full (fullgraph) under bf16 autocast when the WKV is the operator
+    pair, as on a GPU, and the compiled blocks give eager mode's loss and gradients."""
+    import sys
+
+    from kaggletrain import ModelConfig, RWKVModel
+
+    wkv_module = sys.modules["kaggletrain.ops.wkv"]
+
+    def through_operator(r, w, k, v, a, b, state, impl):
+        save = torch.is_grad_enabled()
+        return torch.ops.kaggletrain.wkv7_forward(r, w, k, v, a, b, state, save)[:2]
+
+    monkeypatch.setattr(wkv_module, "_dispatch", through_operator)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=128, num_layers=2, vocab_size=97, head_size=N)
+    eager, comp = RWKVModel(cfg), RWKVModel(cfg)
+    comp.load_state_dict(eager.state_dict())
+    for m in (eager, comp):
+        m.enable_mixed_precision(torch.bfloat16)
+    for blk in comp.blocks:
+        blk.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break is an error
+    x = torch.randint(0, 97, (2, 21))
+    losses = []
+    for m in (eager, comp):
+        loss = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
+        assert (pe.grad is None) == (pc.grad is None), name
+        if pe.grad is not None:
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=2e-2, atol=1e-4, msg=name)
