@@ -17,11 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from kaggletrain.model.attention import AttentionBlock
 from kaggletrain.model.config import ModelConfig
+from kaggletrain.model.head_loss import IGNORE_INDEX, head_loss
 from kaggletrain.model import cpu_memory
 from kaggletrain.model.rwkv7 import RWKV7Block
 from kaggletrain.model.state import AttentionLayerState, ModelState, RWKVLayerState, roundtrip
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -362,6 +361,7 @@ class RWKVModel(nn.Module):
         amp = self._amp_dtype is not None and not self._inference
         with torch.autocast(device_type=device.type, dtype=self._amp_dtype or torch.bfloat16, enabled=amp):
             chunked = use_chunking and T > self.config.rwkv_chunk_size
+            loss_mean = None  # set when the head and loss run fused (training without returned logits)
             # Chunked: L2Wrap goes on each chunk's logits inside the chunk (they are not kept otherwise).
             l2_factor = None
             if chunked and l2wrap and targets is not None and torch.is_grad_enabled():
@@ -371,10 +371,18 @@ class RWKVModel(nn.Module):
                     input_ids, valid, position_ids, targets, layer_states, return_logits, bptt, l2_factor)
             else:
                 x, new_states, _ = self._forward_tokens(input_ids, valid, position_ids, layer_states, None)
-                logits = self.head(self.ln_out(x))
-                loss_sum, count = self._loss_sum(logits, targets)
-        loss = None
-        if targets is not None:
+                h = self.ln_out(x)
+                if targets is not None and not return_logits and torch.is_grad_enabled():
+                    # Training: the logits are never kept (model/head_loss.py); L2Wrap is folded in.
+                    dt = self._amp_dtype if amp else self.head.weight.dtype
+                    loss_mean, count = head_loss(h.reshape(B * T, -1), self.head.weight, targets.reshape(-1), dt,
+                                                 1e-4 / max(1, B * T) if l2wrap else None)
+                    logits = None
+                else:
+                    logits = self.head(h)
+                    loss_sum, count = self._loss_sum(logits, targets)
+        loss = loss_mean
+        if targets is not None and loss is None:
             loss = loss_sum / max(count, 1)
             if l2wrap and logits is not None and torch.is_grad_enabled() and not chunked:
                 loss = L2Wrap.apply(loss, logits)

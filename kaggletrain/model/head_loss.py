@@ -1,0 +1,72 @@
+"""The language-model head, cross-entropy and L2Wrap in one pass that never keeps the logits.
+
+The logits of a training step are its largest tensors: at 32k tokens x a 50k vocabulary, 3.3 GB in bf16,
+plus 6.6 GB of float32 log-probabilities kept for the backward. Here the tokens go through in slices.
+Each slice's logits give its loss and, right away, its gradients for the hidden states and the head weight
+(the loss is a scalar, so the backward only has to scale them). The peak holds one slice's logits.
+
+Same arithmetic as head -> float32 log-softmax -> mean NLL over the targets, plus the official L2Wrap's
+extra gradient (factor x the largest logit, at that logit, for every token).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+SLICE_BYTES = 1 << 28  # float32 log-probabilities per slice (256 MiB)
+
+
+class HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, l2_factor, count):
+        N, V = h.shape[0], weight.shape[0]
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            hb, wb = h.to(dtype), weight.to(dtype)
+            valid = targets != IGNORE_INDEX
+            scale = 1.0 / max(count, 1)
+            half = dtype in (torch.float16, torch.bfloat16)
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            loss = torch.zeros((), dtype=acc, device=h.device)
+            dh = torch.empty_like(h) if need_grad else None
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+            step = max(1, SLICE_BYTES // (V * 4))
+            for i in range(0, N, step):
+                hs, t, ok = hb[i:i + step], targets[i:i + step], valid[i:i + step]
+                logits = hs @ wb.t()
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32 if half else None)
+                tt = t.clamp_min(0)[:, None]
+                okf = ok.to(logp.dtype)
+                loss -= (logp.gather(1, tt).squeeze(1) * okf).sum().to(acc)
+                if not need_grad:
+                    continue
+                g = logp.exp_()  # softmax; d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows
+                g.scatter_add_(1, tt, -okf[:, None])
+                g.mul_((okf * scale)[:, None])
+                if l2_factor is not None:  # L2Wrap: + factor * max logit at the argmax, every token
+                    top, where = logits.max(dim=-1, keepdim=True)
+                    g.scatter_add_(1, where, top.to(g.dtype) * l2_factor)
+                gb = g.to(dtype)
+                dh[i:i + step] = (gb @ wb).to(dh.dtype)
+                dw += (gb.t() @ hs).to(acc)
+        if need_grad:
+            ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return (loss * scale).to(torch.float32 if acc == torch.float32 else acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), (dw * grad.to(dw.dtype)).to(ctx.weight_dtype), None, None, None, None
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+              l2_factor: Optional[float] = None) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of `h @ weight.T` ([N, C] x [V, C]) against `targets` ([N], IGNORE_INDEX skipped),
+    the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. Returns (loss, number of targets)."""
+    count = int((targets != IGNORE_INDEX).sum())
+    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count), count
