@@ -40,32 +40,38 @@ def test_fused_matches_plain_float64(l2, slice_bytes, monkeypatch):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-10, atol=1e-14)
 
 
-def test_model_training_loss_and_gradients_match_the_plain_head_under_bf16_autocast():
-    """return_logits=False (training) takes the fused path, return_logits=True the plain one: same loss, same
-    gradients to bf16 rounding, with L2Wrap on."""
+def _model_grads(cfg, state, x, amp, return_logits):
+    m = RWKVModel(cfg)
+    m.load_state_dict(state)
+    if amp:
+        m.enable_mixed_precision(torch.bfloat16)
+    out = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=return_logits, l2wrap=True)
+    assert (out.logits is None) == (not return_logits)
+    out.loss.backward()
+    return out.loss.item(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+
+def test_model_fused_head_is_exact_in_float32_and_as_accurate_as_the_plain_head_in_bf16():
+    """return_logits=False (training) takes the fused path, return_logits=True the plain one, L2Wrap on.
+    float32: the same loss and gradients. bf16 autocast: no further from the float32 gradients than the
+    plain bf16 path is."""
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=64, num_layers=2, vocab_size=211, head_size=32)
-    a, b = RWKVModel(cfg), RWKVModel(cfg)
-    with torch.no_grad():
-        for p in a.parameters():
+    m = RWKVModel(cfg)
+    with torch.no_grad():  # zero-initialised weights would zero most gradients
+        for p in m.parameters():
             if not p.any():
                 p.normal_(0, 0.05)
-    b.load_state_dict(a.state_dict())
-    for m in (a, b):
-        m.enable_mixed_precision(torch.bfloat16)
-    x = torch.randint(0, 211, (3, 30))
-    la = a(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False, l2wrap=True)
-    lb = b(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=True, l2wrap=True)
-    assert la.logits is None and lb.logits is not None and la.num_targets == lb.num_targets == 87
-    torch.testing.assert_close(la.loss, lb.loss, rtol=1e-5, atol=0)
-    la.loss.backward()
-    lb.loss.backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        if pa.grad is None:
-            assert pb.grad is None, name
-            continue
-        rel = ((pa.grad - pb.grad).norm() / pb.grad.norm().clamp_min(1e-12)).item()
-        assert rel < 2e-2, f"{name}: relative L2 difference {rel:.2e}"
+    state, x = m.state_dict(), torch.randint(0, 211, (3, 30))
+    ref_loss, ref = _model_grads(cfg, state, x, amp=False, return_logits=True)
+    loss, fused32 = _model_grads(cfg, state, x, amp=False, return_logits=False)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert ((fused32 - ref).norm() / ref.norm()).item() < 1e-5  # summation order only
+    _, plain16 = _model_grads(cfg, state, x, amp=True, return_logits=True)
+    _, fused16 = _model_grads(cfg, state, x, amp=True, return_logits=False)
+    err_plain = ((plain16 - ref).norm() / ref.norm()).item()
+    err_fused = ((fused16 - ref).norm() / ref.norm()).item()
+    assert 0 < err_plain < 5e-2 and err_fused < 1.5 * err_plain, (err_fused, err_plain)
 
 
 def test_no_gradient_needed_computes_the_loss_only():

@@ -33,6 +33,7 @@ class HeadLoss(torch.autograd.Function):
             loss = torch.zeros((), dtype=acc, device=h.device)
             dh = torch.empty_like(h) if need_grad else None
             dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+            dw_l2 = torch.zeros_like(dw) if need_grad and l2_factor is not None else None
             step = max(1, SLICE_BYTES // (V * 4))
             for i in range(0, N, step):
                 hs, t, ok = hb[i:i + step], targets[i:i + step], valid[i:i + step]
@@ -43,16 +44,25 @@ class HeadLoss(torch.autograd.Function):
                 loss -= (logp.gather(1, tt).squeeze(1) * okf).sum().to(acc)
                 if not need_grad:
                     continue
-                g = logp.exp_()  # softmax; d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows
+                # d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows, 0 on ignored ones. The
+                # 1/count goes on the [n, C] side for dh and on the summed dw at the end, not on [n, V].
+                g = logp.exp_()
                 g.scatter_add_(1, tt, -okf[:, None])
-                g.mul_((okf * scale)[:, None])
-                if l2_factor is not None:  # L2Wrap: + factor * max logit at the argmax, every token
-                    top, where = logits.max(dim=-1, keepdim=True)
-                    g.scatter_add_(1, where, top.to(g.dtype) * l2_factor)
+                if not bool(ok.all()):
+                    g.index_fill_(0, (~ok).nonzero().squeeze(1), 0.0)
                 gb = g.to(dtype)
-                dh[i:i + step] = (gb @ wb).to(dh.dtype)
+                dhs = (gb @ wb).to(acc) * scale
                 dw += (gb.t() @ hs).to(acc)
+                if l2_factor is not None:  # L2Wrap: + factor * max logit at the argmax, every token
+                    top, where = logits.max(dim=-1)
+                    l2 = (top.to(acc) * l2_factor)[:, None]
+                    dhs += l2 * wb[where].to(acc)
+                    dw_l2.index_add_(0, where, l2 * hs.to(acc))
+                dh[i:i + step] = dhs.to(dh.dtype)
         if need_grad:
+            dw.mul_(scale)
+            if dw_l2 is not None:
+                dw += dw_l2
             ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return (loss * scale).to(torch.float32 if acc == torch.float32 else acc)
