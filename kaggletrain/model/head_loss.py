@@ -45,14 +45,14 @@ class HeadLoss(torch.autograd.Function):
                 if not need_grad:
                     continue
                 # d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows, 0 on ignored ones. The
-                # 1/count goes on the [n, C] side for dh and on the summed dw at the end, not on [n, V].
+                # 1/count and the 0/1 row mask go on the [n, C] sides of the two products (dh rows, the rows of
+                # h that dw sums over) and on the summed dw at the end -- never a pass over [n, V], no sync.
                 g = logp.exp_()
                 g.scatter_add_(1, tt, -okf[:, None])
-                if not bool(ok.all()):
-                    g.index_fill_(0, (~ok).nonzero().squeeze(1), 0.0)
                 gb = g.to(dtype)
-                dhs = (gb @ wb).to(acc) * scale
-                dw += (gb.t() @ hs).to(acc)
+                mask = okf.to(acc)[:, None]
+                dhs = (gb @ wb).to(acc) * (mask * scale)
+                dw += (gb.t() @ (hs * mask.to(dtype))).to(acc)
                 if l2_factor is not None:  # L2Wrap: + factor * max logit at the argmax, every token
                     top, where = logits.max(dim=-1)
                     l2 = (top.to(acc) * l2_factor)[:, None]
