@@ -30,6 +30,29 @@ def _ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _ext_forward(r, w, k, v, a, b, s0, save):
+    """The extension's forward on ready inputs: [y, final state, checkpoints, sa] (the last two empty unless
+    `save`)."""
+    return _ext().forward(*(_ready(t) for t in (r, w, k, v, a, b)), None if s0 is None else _ready(s0), save)
+
+
+def _ext_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0):
+    """The extension's backward on ready inputs: [dr, dw, dk, dv, da, db, ds0] (ds0 empty unless `need_ds0`)."""
+    return _ext().backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
+                           ckpt, sa, need_ds0)
+
+
+def _input_grads(ctx, dy, dsT, backward):
+    """Both routes' backward (saved: r, w, k, v, a, b, ckpt, sa): `backward` is the extension call or the
+    backward operator. Returns the gradients of r, w, k, v, a, b and the initial state."""
+    r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+    dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype)
+    dsT = None if dsT is None else dsT.float()
+    need_ds0 = ctx.has_s0 and ctx.needs_input_grad[6]
+    dr, dw, dk, dv, da, db, ds0 = backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0)
+    return dr, dw, dk, dv, da, db, (ds0 if need_ds0 else None)
+
+
 # The kernel as two torch custom operators (torch.library): torch.compile traces a block straight through
 # them (their fake functions give the output shapes) instead of breaking the graph at an opaque pybind call,
 # and autograd reaches the backward operator through register_autograd.
@@ -40,9 +63,7 @@ CKPT_LEN = 16  # == wkv7::kCkptLen: the forward saves the state every CKPT_LEN t
 def wkv7_forward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Optional[Tensor],
                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, final state, state checkpoints, sa); the last two are empty unless `save` (training)."""
-    y, sT, ckpt, sa = _ext().forward(*(_ready(t) for t in (r, w, k, v, a, b)),
-                                     None if s0 is None else _ready(s0), save)
-    return y, sT, ckpt, sa
+    return tuple(_ext_forward(r, w, k, v, a, b, s0, save))
 
 
 @wkv7_forward.register_fake
@@ -60,9 +81,7 @@ def wkv7_backward(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
                   dsT: Optional[Tensor], ckpt: Tensor, sa: Tensor, need_ds0: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dr, dw, dk, dv, da, db, ds0); ds0 is empty unless `need_ds0`."""
-    out = _ext().backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
-                          ckpt, sa, need_ds0)
-    return tuple(out)
+    return tuple(_ext_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0))
 
 
 @wkv7_backward.register_fake
@@ -80,12 +99,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dsT, _dckpt, _dsa):
-    r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
-    dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype)
-    dsT = None if dsT is None else dsT.float()
-    need_ds0 = ctx.has_s0 and ctx.needs_input_grad[6]
-    dr, dw, dk, dv, da, db, ds0 = torch.ops.kaggletrain.wkv7_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0)
-    return dr, dw, dk, dv, da, db, (ds0 if need_ds0 else None), None
+    return (*_input_grads(ctx, dy, dsT, torch.ops.kaggletrain.wkv7_backward), None)
 
 
 wkv7_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -99,8 +113,7 @@ class WKV7Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0):
-        y, sT, ckpt, sa = _ext().forward(*(_ready(t) for t in (r, w, k, v, a, b)),
-                                         None if s0 is None else _ready(s0), True)
+        y, sT, ckpt, sa = _ext_forward(r, w, k, v, a, b, s0, True)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
         ctx.has_s0 = s0 is not None
         return y, sT
@@ -108,13 +121,7 @@ class WKV7Function(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
-        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype)
-        dsT = None if dsT is None else dsT.float()
-        need_ds0 = ctx.has_s0 and ctx.needs_input_grad[6]
-        dr, dw, dk, dv, da, db, ds0 = _ext().backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)),
-                                                      None if dsT is None else _ready(dsT), ckpt, sa, need_ds0)
-        return dr, dw, dk, dv, da, db, (ds0 if need_ds0 else None)
+        return _input_grads(ctx, dy, dsT, _ext_backward)
 
 
 @torch.compiler.assume_constant_result
@@ -160,6 +167,5 @@ def wkv_cuda(r, w, k, v, a, b, state=None):
     elif save:
         y, sT = WKV7Function.apply(r_, w_, k_, v_, a_, b_, s_)
     else:
-        y, sT, _, _ = _ext().forward(*(_ready(t) for t in (r_, w_, k_, v_, a_, b_)),
-                                     None if s_ is None else _ready(s_), False)
+        y, sT, _, _ = _ext_forward(r_, w_, k_, v_, a_, b_, s_, False)
     return y.to(out_dtype), sT
