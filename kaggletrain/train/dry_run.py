@@ -84,7 +84,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
             val = trainer.evaluate(max_batches=1)
         except torch.cuda.OutOfMemoryError:  # evaluation at the configured batch does not fit either
             val, oom = None, oom or "out of memory in the evaluation batch"
-            _release(device)
+            _release()
         eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
                          ckpt_s, eval_batch_s, val, oom, resolve_impl)
@@ -95,7 +95,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
         tmp.cleanup()
     if oom:
         del trainer  # (a distributed run's trainer stays held: see above)
-        _release(device)
+        _release()
         report["suggestion"] = _search_fitting_batch(cfg, world)
     return report
 
@@ -116,9 +116,10 @@ def _run_steps(trainer, steps, times, cpu_times, losses, ends) -> str | None:
     return None
 
 
-def _release(device) -> None:
+def _release() -> None:
+    """Free what a failed step or a probe left: Python cycles, then the CUDA allocator's cached blocks."""
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 
@@ -215,7 +216,7 @@ def _search_fitting_batch(cfg, world: int) -> dict:
             rep = dry_run(trial, steps=2, _trial=True)
             tried.append({"micro_batch_size": m, "gradient_checkpointing": ckpt_on,
                           "fits": not rep["out_of_memory"]})
-            _release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+            _release()
             if not rep["out_of_memory"]:
                 return {"micro_batch_size": m, "gradient_checkpointing": ckpt_on, "tried": tried}
             m //= 2
