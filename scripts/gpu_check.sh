@@ -13,8 +13,6 @@ RESULTS="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
 OUT=$(mktemp -d /tmp/gpu_check_work.XXXXXX)
 export OUT
 save() { tar czf "$RESULTS/gpu_check.tgz" -C "$OUT" . 2>/dev/null; }
-# The built extension comes back too (cuda_cache.tgz): a later run can unpack it into its
-# KAGGLETRAIN_CUDA_CACHE and skip the build (the cache key is the source hash, arch and torch version).
 trap save EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -47,6 +45,8 @@ print(f"BUILD ok={ok} seconds={time.perf_counter() - t:.1f} dir={info['dir']}")
 if not ok:
     print("error:", info["error"])
 PYEOF
+# The built extension comes back too (cuda_cache.tgz): a later run can unpack it into its
+# KAGGLETRAIN_CUDA_CACHE and skip the build (the cache key is the source hash, arch and torch version).
 [ -d "$KAGGLETRAIN_CUDA_CACHE" ] && tar czf "$RESULTS/cuda_cache.tgz" -C "$KAGGLETRAIN_CUDA_CACHE" . 2>/dev/null
 BUILD_LOG=$(sed -n 's/.*dir=\([^ ]*\).*/\1/p' "$OUT/build.txt" | tail -1)
 [ -n "$BUILD_LOG" ] && [ -f "$BUILD_LOG/build.log" ] && cp "$BUILD_LOG/build.log" "$OUT/build.log" \
@@ -128,7 +128,7 @@ echo "bench rc=$BENCH_RC; end-to-end runs used KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
 grep -h "^| " "$OUT/sweep.txt" 2>/dev/null || echo "sweep: not run"
-"$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('fitting_settings') or r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
+"$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
 for f in dry_run_gpu dry_run_gpu_0.1b; do
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"
 done
