@@ -146,7 +146,8 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(ref_ext, monkeypat
     pair, as on a GPU, and the compiled blocks give eager mode's loss and gradients."""
     import sys
 
-    from kaggletrain import ModelConfig, RWKVModel
+    from kaggletrain import RWKVModel
+    from tiny_models import make_model  # tests/tiny_models.py
 
     wkv_module = sys.modules["kaggletrain.ops.wkv"]
 
@@ -156,13 +157,8 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(ref_ext, monkeypat
 
     monkeypatch.setattr(wkv_module, "_dispatch", through_operator)
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=128, num_layers=2, vocab_size=97, head_size=N)
-    eager, comp = RWKVModel(cfg), RWKVModel(cfg)
-    with torch.no_grad():  # zero-initialised weights (output projections, LoRA A) would zero most gradients
-        for p in eager.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
+    eager = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train()  # every parameter matters
+    comp = RWKVModel(eager.config)
     comp.load_state_dict(eager.state_dict())
     for m in (eager, comp):
         m.enable_mixed_precision(torch.bfloat16)

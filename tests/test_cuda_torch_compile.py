@@ -52,17 +52,13 @@ def test_wkv_dispatch_compiles_as_one_graph_with_eager_gradients():
 def test_compiled_blocks_train_like_eager():
     """train.compile's path (Module.compile per block, inductor) on a small model under bf16 autocast:
     same loss and parameter gradients as eager, to bf16 rounding."""
-    from kaggletrain import ModelConfig, RWKVModel
+    from kaggletrain import RWKVModel
+    from tiny_models import make_model  # tests/tiny_models.py
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=128, num_layers=2, vocab_size=97, head_size=N)
-    eager = RWKVModel(cfg).cuda()
-    with torch.no_grad():  # zero-initialised weights (output projections, LoRA A) would zero most gradients
-        for p in eager.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    comp = RWKVModel(cfg).cuda()
+    # make_model: the official init plus noise everywhere, so every parameter gets a gradient.
+    eager = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train().cuda()
+    comp = RWKVModel(eager.config).cuda()
     comp.load_state_dict(eager.state_dict())
     for m in (eager, comp):
         m.enable_mixed_precision(torch.bfloat16)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import kaggletrain.model.head_loss as hl
-from kaggletrain import ModelConfig, RWKVModel
+from kaggletrain import RWKVModel
 from kaggletrain.model.model import L2Wrap
+from tiny_models import make_model  # tests/tiny_models.py
 
 
 def _plain(h, w, t, l2):
@@ -55,14 +56,8 @@ def test_model_fused_head_is_exact_in_float32_and_as_accurate_as_the_plain_head_
     """return_logits=False (training) takes the fused path, return_logits=True the plain one, L2Wrap on.
     float32: the same loss and gradients. bf16 autocast: no further from the float32 gradients than the
     plain bf16 path is."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, num_layers=2, vocab_size=211, head_size=32)
-    m = RWKVModel(cfg)
-    with torch.no_grad():  # zero-initialised weights would zero most gradients
-        for p in m.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    state, x = m.state_dict(), torch.randint(0, 211, (3, 30))
+    m = make_model(hidden_size=64, num_layers=2, vocab_size=211, head_size=32)  # every parameter matters
+    cfg, state, x = m.config, m.state_dict(), torch.randint(0, 211, (3, 30))
     ref_loss, ref = _model_grads(cfg, state, x, amp=False, return_logits=True)
     loss, fused32 = _model_grads(cfg, state, x, amp=False, return_logits=False)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
