@@ -33,9 +33,7 @@ BUILD = "from rwkv_cuda import kernel_available, build_info; import sys; ok = ke
 
 
 def run(cmd, env, timeout):
-    t = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return p, time.perf_counter() - t
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def main(argv=None) -> int:
@@ -65,13 +63,13 @@ def main(argv=None) -> int:
         if not row["built"] or time.perf_counter() - t0 > args.budget_s:
             continue
         env = envs[row["variant"]]
-        p, _ = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_kernel.py",
-                    "-k", "test_matches_float64_reference and new"], env, 180)
+        p = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_kernel.py",
+                 "-k", "test_matches_float64_reference and new"], env, 180)
         row["reference_tests"] = (p.stdout.strip().splitlines() or ["?"])[-1]
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "b.json"
-            p, _ = run([sys.executable, "benchmarks/bench_wkv_gpu.py", "--impls", "cuda", "--dtypes", "bf16",
-                        "--bwd", "new", "--split", "", "--json", str(out)], env, 180)
+            p = run([sys.executable, "benchmarks/bench_wkv_gpu.py", "--impls", "cuda", "--dtypes", "bf16",
+                     "--bwd", "new", "--split", "", "--json", str(out)], env, 180)
             if out.exists():
                 for r in json.loads(out.read_text())["results"]:
                     key = "H12" if r.get("H") == 12 else "H32"
