@@ -55,7 +55,8 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
-def measure(width: int, layers: int, seq: int, vocab: int, batch: int = 1) -> dict:
+def measure(width: int, layers: int, seq: int, vocab: int) -> tuple[collections.Counter, collections.Counter]:
+    """Bytes and calls per ATen op for one bf16-autocast training step of one sequence of `seq` tokens."""
     from kaggletrain import ModelConfig, RWKVModel
 
     wkv_module = sys.modules["kaggletrain.ops.wkv"]
@@ -91,49 +92,28 @@ def measure(width: int, layers: int, seq: int, vocab: int, batch: int = 1) -> di
         torch.manual_seed(0)
         model = RWKVModel(ModelConfig(hidden_size=width, num_layers=layers, vocab_size=vocab))
         model.enable_mixed_precision(torch.bfloat16)
-        x = torch.randint(0, vocab, (batch, seq + 1))
+        x = torch.randint(0, vocab, (1, seq + 1))
         with counter:
             loss = model(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
             loss.backward()
     finally:
         wkv_module._dispatch = real_dispatch
-    tokens = batch * seq
-    other = {k: v for k, v in counter.by_op.items() if k not in MATMUL}
-    return {
-        "shape": {"width": width, "layers": layers, "seq": seq, "batch": batch, "vocab": vocab},
-        "torch": torch.__version__,
-        "non_matmul_bytes_per_token": sum(other.values()) / tokens,
-        "non_matmul_bytes_per_token_per_layer": sum(other.values()) / tokens / layers,
-        "non_matmul_calls": sum(c for k, c in counter.calls.items() if k not in MATMUL),
-        "matmul_bytes_per_token": sum(v for k, v in counter.by_op.items() if k in MATMUL) / tokens,
-        "all_ops": [{"op": k, "bytes_per_token": v / tokens, "calls": counter.calls[k]}
-                    for k, v in counter.by_op.items()],
-    }
+    return counter.by_op, counter.calls
 
 
 def per_token(width: int, layers: int, vocab: int, seqs=(64, 192)) -> dict:
     """Traffic that grows with the tokens of a step (the slope between two sequence lengths), without the
     per-step part (weights cast to bf16, parameter gradients), which a 32k-token step makes negligible."""
-    a, b = (measure(width, layers, s, vocab) for s in seqs)
+    (bytes_a, _), (bytes_b, calls) = (measure(width, layers, s, vocab) for s in seqs)
     n = seqs[1] - seqs[0]
-
-    def slope(key_a, key_b):
-        return (key_b * seqs[1] - key_a * seqs[0]) / n
-
-    ops = {}
-    for r in a["all_ops"] + b["all_ops"]:
-        ops.setdefault(r["op"], [0.0, 0.0, 0])
-    for i, res in enumerate((a, b)):
-        for r in res["all_ops"]:
-            ops[r["op"]][i] = r["bytes_per_token"] * seqs[i]
-            ops[r["op"]][2] = r["calls"]
-    rows = sorted(((op, (v[1] - v[0]) / n, v[2]) for op, v in ops.items() if op not in MATMUL), key=lambda t: -t[1])
+    growth = {op: (bytes_b[op] - bytes_a[op]) / n for op in set(bytes_a) | set(bytes_b) if op not in MATMUL}
+    rows = sorted(growth.items(), key=lambda kv: -kv[1])
     return {
         "shape": {"width": width, "layers": layers, "vocab": vocab, "seqs": list(seqs)},
         "torch": torch.__version__,
-        "non_matmul_bytes_per_token": slope(a["non_matmul_bytes_per_token"], b["non_matmul_bytes_per_token"]),
-        "non_matmul_calls_per_step": b["non_matmul_calls"],
-        "top_ops": [{"op": op, "bytes_per_token": v, "calls": c} for op, v, c in rows[:15]],
+        "non_matmul_bytes_per_token": sum(growth.values()),
+        "non_matmul_calls_per_step": sum(c for op, c in calls.items() if op not in MATMUL),
+        "top_ops": [{"op": op, "bytes_per_token": v, "calls": calls[op]} for op, v in rows[:15]],
     }
 
 
