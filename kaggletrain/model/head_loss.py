@@ -19,6 +19,14 @@ IGNORE_INDEX = -100
 SLICE_BYTES = 1 << 28  # float32 log-probabilities per slice (256 MiB)
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dimension: float32 straight from fp16/bf16 logits (on CUDA one kernel reads the
+    half-precision logits and writes float32, and its backward writes a half-precision gradient: no float32
+    copy of the logits); float32/float64 logits keep their dtype. Call it outside autocast."""
+    half = logits.dtype in (torch.float16, torch.bfloat16)
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32 if half else None)
+
+
 class HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, l2_factor, count):
@@ -28,7 +36,6 @@ class HeadLoss(torch.autograd.Function):
             hb, wb = h.to(dtype), weight.to(dtype)
             valid = targets != IGNORE_INDEX
             scale = 1.0 / max(count, 1)
-            half = dtype in (torch.float16, torch.bfloat16)
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
             loss = torch.zeros((), dtype=acc, device=h.device)
             dh = torch.empty_like(h) if need_grad else None
@@ -38,7 +45,7 @@ class HeadLoss(torch.autograd.Function):
             for i in range(0, N, step):
                 hs, t, ok = hb[i:i + step], targets[i:i + step], valid[i:i + step]
                 logits = hs @ wb.t()
-                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32 if half else None)
+                logp = log_probs(logits)
                 tt = t.clamp_min(0)[:, None]
                 okf = ok.to(logp.dtype)
                 loss -= (logp.gather(1, tt).squeeze(1) * okf).sum().to(acc)

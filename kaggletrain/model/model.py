@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kaggletrain.model.attention import AttentionBlock
 from kaggletrain.model.config import ModelConfig
-from kaggletrain.model.head_loss import IGNORE_INDEX, head_loss
+from kaggletrain.model.head_loss import IGNORE_INDEX, head_loss, log_probs
 from kaggletrain.model import cpu_memory
 from kaggletrain.model.rwkv7 import RWKV7Block
 from kaggletrain.model.state import AttentionLayerState, ModelState, RWKVLayerState, roundtrip
@@ -410,12 +410,10 @@ class RWKVModel(nn.Module):
         if targets is None:
             return None, 0
         count = int((targets != IGNORE_INDEX).sum())
-        # Float32 log-softmax straight from half-precision logits: on CUDA one kernel reads fp16/bf16 and writes
-        # float32, and its backward writes the half-precision gradient; no float32 copy of the logits (with a
-        # 50k vocabulary, the largest tensors of a step). Same values as cross_entropy on upcast logits.
+        # Same values as cross_entropy on upcast logits, without a float32 copy of them (the largest tensors
+        # of a step with a 50k vocabulary).
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            half = logits.dtype in (torch.float16, torch.bfloat16)  # float32/float64 logits keep their dtype
-            logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float32 if half else None)
+            logp = log_probs(logits.reshape(-1, logits.shape[-1]))
             loss_sum = F.nll_loss(logp, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, count
 
