@@ -83,10 +83,11 @@ int backward_old_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
-template <typename T, int RS>
+// The sequential dS row recursion, with a dS checkpoint every CPB chunks.
+template <typename T, int CPB, int RS>
 int backward_rows_rs(const BwdArgs& p, float* dsa, float* dsck, cudaStream_t stream) {
   constexpr int C = split_rows(RS, 2);
-  auto rows = detail::bwd_rows_kernel<T, kHead, kTpr, kSegChunks, C, RS>;
+  auto rows = detail::bwd_rows_kernel<T, kHead, kTpr, CPB, C, RS>;
   const dim3 grid((unsigned)((long long)p.B * p.H * RS));
   const dim3 block((kHead / RS / C) * kTpr);
   WKV7_LAUNCH(rows, grid, block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w, p.w_f32,
@@ -106,9 +107,9 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
   int err;
   switch (resolve_split(p.split, BH)) {
-    case 2: err = backward_rows_rs<T, 2>(p, dsa, dsck, stream); break;
-    case 4: err = backward_rows_rs<T, 4>(p, dsa, dsck, stream); break;
-    default: err = backward_rows_rs<T, 1>(p, dsa, dsck, stream); break;
+    case 2: err = backward_rows_rs<T, kSegChunks, 2>(p, dsa, dsck, stream); break;
+    case 4: err = backward_rows_rs<T, kSegChunks, 4>(p, dsa, dsck, stream); break;
+    default: err = backward_rows_rs<T, kSegChunks, 1>(p, dsa, dsck, stream); break;
   }
   if (err || nSeg == 0) return err;
   const dim3 block((kHead / 2) * kTpr);
@@ -120,9 +121,30 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+// Chunk-parallel columns: the row recursion (one block per head) with a dS checkpoint at every chunk end, then one block per
+// (head, chunk) forms dr, dw, dk, da, db from dense products (bwd_chunk_kernel). Scratch: dsa [B,T,H,N], then
+// the dS checkpoints [B*H, nC, N, N].
+template <typename T>
+int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
+  const long long BH = (long long)p.B * p.H;
+  const int nC = (p.T + kCkptLen - 1) / kCkptLen;
+  float* dsa = p.scratch;
+  float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
+  const int err = backward_rows_rs<T, 1, 1>(p, dsa, dsck, stream);  // no row split: it measured slower
+  if (err || nC == 0) return err;
+  auto chunk = detail::bwd_chunk_kernel<T, kHead>;
+  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(128), 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w,
+              p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<const T*>(p.a),
+              static_cast<const T*>(p.b), static_cast<const T*>(p.dy), p.ckpt, p.sa, dsa, dsck,
+              static_cast<T*>(p.dr), p.dw, static_cast<T*>(p.dk), static_cast<T*>(p.da), static_cast<T*>(p.db));
+  return (int)cudaGetLastError();
+}
+
 template <typename T>
 int backward_t(const BwdArgs& p, cudaStream_t stream) {
-  return p.variant == kBwdOld ? backward_old_t<T>(p, stream) : backward_new_t<T>(p, stream);
+  if (p.variant == kBwdOld) return backward_old_t<T>(p, stream);
+  if (p.variant == kBwdChunk) return backward_chunk_t<T>(p, stream);
+  return backward_new_t<T>(p, stream);
 }
 
 bool shape_ok(int B, int T, int H, int N) { return B > 0 && T >= 0 && H > 0 && N == kHead; }
@@ -132,15 +154,17 @@ bool shape_ok(int B, int T, int H, int N) { return B > 0 && T >= 0 && H > 0 && N
 long long bwd_scratch_floats(int B, int T, int H, int N, int variant) {
   variant = resolve_bwd_variant(variant);
   if (variant == kBwdOld) return (long long)B * H * (kCkptLen / kSub - 1) * N * N;
-  const long long nC = (T + kCkptLen - 1) / kCkptLen, nSeg = (nC + kSegChunks - 1) / kSegChunks;
+  const long long nC = (T + kCkptLen - 1) / kCkptLen;
+  const long long nSeg = variant == kBwdChunk ? nC : (nC + kSegChunks - 1) / kSegChunks;
   return (long long)B * T * H * N + (long long)B * H * nSeg * N * N;
 }
 
 int resolve_bwd_variant(int variant) {
-  if (variant == kBwdOld || variant == kBwdNew) return variant;
+  if (variant == kBwdOld || variant == kBwdNew || variant == kBwdChunk) return variant;
   const char* env = std::getenv("KAGGLETRAIN_WKV_BWD");
   if (env && std::strcmp(env, "old") == 0) return kBwdOld;
   if (env && std::strcmp(env, "new") == 0) return kBwdNew;
+  if (env && std::strcmp(env, "chunk") == 0) return kBwdChunk;
   return kBwdDefault;
 }
 

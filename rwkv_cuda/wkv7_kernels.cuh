@@ -57,6 +57,9 @@
 // per-thread local array and are loaded just before the exact step, so they are not live in the hot loop.
 #pragma once
 
+#ifndef WKV7_CHUNK_MINB
+#define WKV7_CHUNK_MINB 4  // bwd_chunk_kernel blocks per SM the registers must allow (4: <= 128 registers)
+#endif
 #ifndef WKV7_COLS_MINB
 #define WKV7_COLS_MINB 3  // bwd_cols_kernel blocks per SM the registers must allow (3: <= 168 registers)
 #endif
@@ -81,6 +84,7 @@ template <> struct IO<float> {
     *reinterpret_cast<float2*>(p) = make_float2(a, b);
   }
   static __device__ __forceinline__ void store1(float* p, float x) { *p = x; }
+  static __device__ __forceinline__ float load1(const float* p) { return *p; }
 };
 
 // 2-byte types: element 0 is the low half of the first 32-bit word (little endian).
@@ -107,6 +111,9 @@ template <typename T, typename Bits> struct IO16 {
   }
   static __device__ __forceinline__ void store1(T* p, float x) {
     *reinterpret_cast<unsigned short*>(p) = Bits::from_f(x);
+  }
+  static __device__ __forceinline__ float load1(const T* p) {
+    return Bits::to_f(*reinterpret_cast<const unsigned short*>(p));
   }
 };
 
@@ -161,6 +168,17 @@ __device__ __forceinline__ void decay_of(float w, float& d, float& f) {
   const float oms = w >= 0.f ? m : p;
   d = expf(-kDecayScale * sig);
   f = -kDecayScale * d * sig * oms;
+}
+// log d = -e^-0.5 sigmoid(w) and its derivative d(log d)/dw = -e^-0.5 sigmoid(w) (1 - sigmoid(w)).
+__device__ __forceinline__ float sigmoid_of(float w) {
+  const float e = expf(-fabsf(w));
+  const float p = 1.f / (1.f + e);
+  return w >= 0.f ? p : e * p;
+}
+__device__ __forceinline__ float decay_log_of(float w) { return -kDecayScale * sigmoid_of(w); }
+__device__ __forceinline__ float dlogd_dw(float w) {
+  const float sig = sigmoid_of(w), oms = sigmoid_of(-w);
+  return -kDecayScale * sig * oms;
 }
 __device__ __forceinline__ float4 decay4(float4 w) {
   float4 d;
@@ -985,6 +1003,262 @@ bwd_cols_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
 #pragma unroll
         for (int x = 0; x < K; ++x) Sst[cc][x] = snap[s][cc][x];
       col_step<true, T, N, TPR, K>(st0, (row0 + (long long)st0 * H) * N + 2 * p, in, out, Sc, dSc, Sst, p, q);
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------- backward, chunk-parallel columns ("chunk")
+// Replaces bwd_cols_kernel (the per-token N^2 column sums, ~5 of the 6 ms backward on an H200) with the
+// chunked algebra of ops/wkv_chunked.py, run as small dense products. bwd_rows_kernel first writes dsa and the
+// dS checkpoint at EVERY chunk end (CPB = 1): E_c, the gradient reaching the chunk's last state from later tokens
+// (not yet including that token's own dy r^T). One block per (head, chunk) then needs only S0 (the forward's
+// checkpoint), E_c, S_L (the next checkpoint) and the chunk's tokens. With g_t = sum_{s<=t} log d_s (per key,
+// inside the chunk), G_t the full gradient of S_t and masks over token pairs:
+//   dr_t = S_t^T dy_t      = e^{g_t}     [ S0^T dy_t  + sum_{s<=t} ((dy_t.sa_s) b_s + (dy_t.v_s) k_s) e^{-g_s} ]
+//   da_t = S_{t-1}^T dsa_t = e^{g_{t-1}} [ S0^T dsa_t + sum_{s<t}  ((dsa_t.sa_s) b_s + (dsa_t.v_s) k_s) e^{-g_s} ]
+//   dk_t = G_t^T v_t       = e^{-g_t} [ e^{g_L} E^T v_t  + sum_{s>=t} (v_t.dy_s) r_s e^{g_s} + sum_{s>t} (v_t.dsa_s) a_s e^{g_{s-1}} ]
+//   db_t = G_t^T sa_t: as dk_t with sa_t for v_t.
+// Every factor pair e^{g_t} e^{-g_s} multiplies to <= 1 and each factor is within e^{+-9.7} (L = 16), so
+// float32 keeps full relative precision. The decay gradient needs no per-token N^2 sum: with
+// phi_t = sum_i G_t[i] S_t[i] (per key),
+//   dlogd_t = phi_t - b_t db_t - k_t dk_t,   phi_{t-1} = dlogd_t + a_t da_t + r_{t-1} dr_{t-1},
+//   phi_L = sum_i E[i] S_L[i] + r_L dr_L,
+// (from S_t = S_{t-1} d_t + sa b^T + v k^T and G_{t-1} = G_t d_t + dsa a^T + dy r^T), a 16-step recursion
+// per key from one N^2 product per chunk. Tokens past T are zero with log d = 0: identity steps.
+// Work per chunk: 4 [L,N]x[N,N] state products, 4 [L,N]x[N,L] pair products, 8 [L,L]x[L,N] products, all
+// in float32 on CUDA cores. Threads: 4 warps; warp w owns tokens 4w..4w+3 and lane the keys lane, lane+32 of
+// all four outputs, so the token-indexed operands are warp-uniform (broadcast) shared loads and the key-
+// indexed ones hit 32 different banks (rows padded to NP = N + 4 floats).
+template <int N>
+struct ChunkSmem {
+  static constexpr int L = kChunk, NP = N + 4;
+  float x[4][L][NP];  // dy, dsa, v, sa; later the float32 dr, da, dk, db
+  float g[L][N];      // cumulative log-decay inside the chunk
+  float p[4][L][L];   // dy.sa, dy.v (s <= t), dsa.sa, dsa.v (s < t); zero elsewhere
+  union {
+    float st[N][NP];   // S0^T, then E^T ([key][value])
+    float y[4][L][N];  // b e^{-g}, k e^{-g}, r e^{g}, a e^{g_prev}
+  } u;
+  float psi[N];
+};
+
+__device__ __forceinline__ float dot4(const float4& x, const float4& y, float acc) {
+  return fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, fmaf(x.x, y.x, acc))));
+}
+
+// acc[tt][jj] += sum_i X[4w + tt][i] ST[j_jj][i] (ST = a transposed state staged in shared memory).
+template <int N>
+__device__ __forceinline__ void state_product(float (&acc0)[4][2], float (&acc1)[4][2], const float (*X0)[N + 4],
+                                              const float (*X1)[N + 4], const float (*ST)[N + 4], int w, int lane) {
+#pragma unroll 4
+  for (int i = 0; i < N; i += 4) {
+    const float4 s0 = lds4(&ST[lane][i]), s1 = lds4(&ST[lane + 32][i]);
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt) {
+      const float4 x0 = lds4(&X0[4 * w + tt][i]), x1 = lds4(&X1[4 * w + tt][i]);
+      acc0[tt][0] = dot4(x0, s0, acc0[tt][0]);
+      acc0[tt][1] = dot4(x0, s1, acc0[tt][1]);
+      acc1[tt][0] = dot4(x1, s0, acc1[tt][0]);
+      acc1[tt][1] = dot4(x1, s1, acc1[tt][1]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_w1(void* dw, bool w_f32, long long off, float x) {
+  if (w_f32) static_cast<float*>(dw)[off] = x;
+  else IO<T>::store1(static_cast<T*>(dw) + off, x);
+}
+
+// block = (b*H + h) * nC + chunk.
+template <typename T, int N>
+__global__ void __launch_bounds__(128, WKV7_CHUNK_MINB)
+bwd_chunk_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
+                 const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b,
+                 const T* __restrict__ dy, const float* __restrict__ ckpt, const float* __restrict__ sa,
+                 const float* __restrict__ dsa, const float* __restrict__ dsck, T* __restrict__ dr,
+                 void* __restrict__ dw, T* __restrict__ dk, T* __restrict__ da, T* __restrict__ db) {
+  constexpr int L = kChunk, NT = 128, NG = N / 4;
+  static_assert(N == 64, "thread layout: 2 keys per lane, 4 tokens per warp");
+  __shared__ __align__(16) ChunkSmem<N> sm;
+
+  const int tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
+  const long long NN = (long long)N * N;
+  const int nC = (T_len + L - 1) / L;
+  const long long bh = blockIdx.x / nC;
+  const int c = (int)(blockIdx.x % nC);
+  const int h = (int)(bh % H);
+  const long long bidx = bh / H;
+  const int t0 = c * L, Lc = min(L, T_len - t0);
+  const long long row0 = (bidx * T_len + t0) * H + h;  // token t0's row of [B*T, H]
+  auto off_of = [&](int tt) { return (row0 + (long long)tt * H) * N; };
+  const float* S0T = ckpt + (bh * (nC + 1) + c) * NN;
+  const float* SLT = S0T + NN;
+  const float* ET = dsck + (bh * nC + c) * NN;
+
+  // ---- stage dy, dsa, v, sa and log d (zero past T), and S0^T
+  for (int idx = tid; idx < L * NG; idx += NT) {
+    const int tt = idx / NG, i = 4 * (idx % NG);
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 gy = z, gs = z, vv = z, ss = z, ld = z;
+    if (tt < Lc) {
+      const long long off = off_of(tt) + i;
+      gy = IO<T>::load4(dy + off);
+      gs = IO<float>::load4(dsa + off);
+      vv = IO<T>::load4(v + off);
+      ss = IO<float>::load4(sa + off);
+      const float4 ww = cvt_w4<T>(load_w_raw4<T>(w, w_f32, off), w_f32);
+      ld = make_float4(decay_log_of(ww.x), decay_log_of(ww.y), decay_log_of(ww.z), decay_log_of(ww.w));
+    }
+    sts4(&sm.x[0][tt][i], gy); sts4(&sm.x[1][tt][i], gs); sts4(&sm.x[2][tt][i], vv); sts4(&sm.x[3][tt][i], ss);
+    sts4(&sm.g[tt][i], ld);
+  }
+  for (int idx = tid; idx < N * NG; idx += NT) {
+    const int j = idx / NG, i = 4 * (idx % NG);
+    sts4(&sm.u.st[j][i], IO<float>::load4(S0T + (long long)j * N + i));
+  }
+  __syncthreads();
+  if (tid < N) {  // cumulative log-decay (the other threads go on with the products below)
+    float run = 0.f;
+#pragma unroll
+    for (int tt = 0; tt < L; ++tt) { run += sm.g[tt][tid]; sm.g[tt][tid] = run; }
+  }
+
+  // ---- S0 products (dr, da) and the token-pair products
+  float acc_r[4][2] = {}, acc_a[4][2] = {}, acc_k[4][2] = {}, acc_b[4][2] = {};
+  state_product<N>(acc_r, acc_a, sm.x[0], sm.x[1], sm.u.st, wp, lane);
+  {
+    const int tp = tid >> 3, s0 = tid & 7;  // pairs (tp, s0) and (tp, s0 + 8)
+    float pr[4][2] = {};
+#pragma unroll 4
+    for (int i = 0; i < N; i += 4) {
+      const float4 gy = lds4(&sm.x[0][tp][i]), gs = lds4(&sm.x[1][tp][i]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float4 vv = lds4(&sm.x[2][s0 + 8 * e][i]), ss = lds4(&sm.x[3][s0 + 8 * e][i]);
+        pr[0][e] = dot4(gy, ss, pr[0][e]);
+        pr[1][e] = dot4(gy, vv, pr[1][e]);
+        pr[2][e] = dot4(gs, ss, pr[2][e]);
+        pr[3][e] = dot4(gs, vv, pr[3][e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int s = s0 + 8 * e;
+      sm.p[0][tp][s] = s <= tp ? pr[0][e] : 0.f;
+      sm.p[1][tp][s] = s <= tp ? pr[1][e] : 0.f;
+      sm.p[2][tp][s] = s < tp ? pr[2][e] : 0.f;
+      sm.p[3][tp][s] = s < tp ? pr[3][e] : 0.f;
+    }
+  }
+  __syncthreads();  // done with S0^T
+
+  // ---- E products (dk, db) and psi = sum_i E[i] S_L[i]
+  for (int idx = tid; idx < N * NG; idx += NT) {
+    const int j = idx / NG, i = 4 * (idx % NG);
+    sts4(&sm.u.st[j][i], IO<float>::load4(ET + (long long)j * N + i));
+  }
+  __syncthreads();
+  state_product<N>(acc_k, acc_b, sm.x[2], sm.x[3], sm.u.st, wp, lane);
+  {
+    const int j = tid >> 1, half = tid & 1;
+    float ps = 0.f;
+#pragma unroll
+    for (int i = 32 * half; i < 32 * half + 32; i += 4)
+      ps = dot4(lds4(&sm.u.st[j][i]), IO<float>::load4(SLT + (long long)j * N + i), ps);
+    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+    if (half == 0) sm.psi[j] = ps;
+  }
+  __syncthreads();  // done with E^T
+
+  // ---- the token-side operands, scaled: b e^{-g}, k e^{-g}, r e^{g}, a e^{g_prev}
+  for (int idx = tid; idx < L * NG; idx += NT) {
+    const int tt = idx / NG, i = 4 * (idx % NG);
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 bb = z, kk = z, rr = z, aa = z;
+    if (tt < Lc) {
+      const long long off = off_of(tt) + i;
+      bb = IO<T>::load4(b + off); kk = IO<T>::load4(k + off); rr = IO<T>::load4(r + off); aa = IO<T>::load4(a + off);
+    }
+    float eg[4], ep[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      eg[e] = sm.g[tt][i + e];
+      ep[e] = tt > 0 ? sm.g[tt - 1][i + e] : 0.f;
+    }
+    sts4(&sm.u.y[0][tt][i], make_float4(bb.x * expf(-eg[0]), bb.y * expf(-eg[1]), bb.z * expf(-eg[2]), bb.w * expf(-eg[3])));
+    sts4(&sm.u.y[1][tt][i], make_float4(kk.x * expf(-eg[0]), kk.y * expf(-eg[1]), kk.z * expf(-eg[2]), kk.w * expf(-eg[3])));
+    sts4(&sm.u.y[2][tt][i], make_float4(rr.x * expf(eg[0]), rr.y * expf(eg[1]), rr.z * expf(eg[2]), rr.w * expf(eg[3])));
+    sts4(&sm.u.y[3][tt][i], make_float4(aa.x * expf(ep[0]), aa.y * expf(ep[1]), aa.z * expf(ep[2]), aa.w * expf(ep[3])));
+  }
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    const float eL = expf(sm.g[L - 1][lane + 32 * jj]);
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt) { acc_k[tt][jj] *= eL; acc_b[tt][jj] *= eL; }
+  }
+  __syncthreads();
+
+  // ---- products over the chunk's tokens s
+#pragma unroll
+  for (int s4 = 0; s4 < L; s4 += 4) {
+    float4 pt[4][4];  // pt[m][tt] = p[m][4w + tt][s4 .. s4+3]
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt) pt[m][tt] = lds4(&sm.p[m][4 * wp + tt][s4]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = s4 + e;
+      float4 ps[4];  // ps[m] = p[m][s][4w .. 4w+3]: the transposed use
+#pragma unroll
+      for (int m = 0; m < 4; ++m) ps[m] = lds4(&sm.p[m][s][4 * wp]);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = lane + 32 * jj;
+        const float yb = sm.u.y[0][s][j], yk = sm.u.y[1][s][j], yr = sm.u.y[2][s][j], ya = sm.u.y[3][s][j];
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+          acc_r[tt][jj] = fmaf(comp(pt[0][tt], e), yb, fmaf(comp(pt[1][tt], e), yk, acc_r[tt][jj]));
+          acc_a[tt][jj] = fmaf(comp(pt[2][tt], e), yb, fmaf(comp(pt[3][tt], e), yk, acc_a[tt][jj]));
+          acc_k[tt][jj] = fmaf(comp(ps[1], tt), yr, fmaf(comp(ps[3], tt), ya, acc_k[tt][jj]));
+          acc_b[tt][jj] = fmaf(comp(ps[0], tt), yr, fmaf(comp(ps[2], tt), ya, acc_b[tt][jj]));
+        }
+      }
+    }
+  }
+
+  // ---- scale, store, and keep float32 copies for the decay gradient (sm.x is free since the E products)
+#pragma unroll
+  for (int tt = 0; tt < 4; ++tt) {
+    const int t = 4 * wp + tt;
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int j = lane + 32 * jj;
+      const float g = sm.g[t][j], gp = t > 0 ? sm.g[t - 1][j] : 0.f;
+      const float eg = expf(g), eng = expf(-g);
+      const float xr = acc_r[tt][jj] * eg, xa = acc_a[tt][jj] * expf(gp);
+      const float xk = acc_k[tt][jj] * eng, xb = acc_b[tt][jj] * eng;
+      sm.x[0][t][j] = xr; sm.x[1][t][j] = xa; sm.x[2][t][j] = xk; sm.x[3][t][j] = xb;
+      if (t < Lc) {
+        const long long off = off_of(t) + j;
+        IO<T>::store1(dr + off, xr); IO<T>::store1(da + off, xa); IO<T>::store1(dk + off, xk); IO<T>::store1(db + off, xb);
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- decay gradient: the phi recursion, one key per thread
+  if (tid < N && Lc > 0) {
+    const int j = tid;
+    float phi = sm.psi[j] + IO<T>::load1(r + off_of(Lc - 1) + j) * sm.x[0][Lc - 1][j];  // phi of the last token
+    for (int t = Lc - 1; t >= 0; --t) {
+      const long long off = off_of(t) + j;
+      const float dl = phi - IO<T>::load1(b + off) * sm.x[3][t][j] - IO<T>::load1(k + off) * sm.x[2][t][j];
+      const float wt = w_f32 ? static_cast<const float*>(w)[off] : IO<T>::load1(static_cast<const T*>(w) + off);
+      store_w1<T>(dw, w_f32, off, dl * dlogd_dw(wt));
+      if (t > 0) phi = dl + IO<T>::load1(a + off) * sm.x[1][t][j] + IO<T>::load1(r + off - (long long)H * N) * sm.x[0][t - 1][j];
     }
   }
 }

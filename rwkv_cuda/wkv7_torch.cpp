@@ -143,8 +143,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return code >= 0 && wkv7::supported(N, code);
   });
   m.attr("ckpt_len") = wkv7::kCkptLen;
-  m.def("bwd_variant", []() { return std::string(wkv7::resolve_bwd_variant(wkv7::kBwdAuto) == wkv7::kBwdOld ? "old" : "new"); },
-        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new, else the default");
+  m.def("bwd_variant", []() {
+          const int v = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);
+          return std::string(v == wkv7::kBwdOld ? "old" : v == wkv7::kBwdChunk ? "chunk" : "new");
+        },
+        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk, else the default");
   m.def("split", [](int64_t BH) { return wkv7::resolve_split(0, (long long)BH); },
         "blocks per head the forward and the backward's row kernel use now for B*H heads on the current GPU: "
         "KAGGLETRAIN_WKV_SPLIT=1|2|4|auto, else 1");

@@ -124,3 +124,26 @@ def test_peak_tflops_table():
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
     assert peak_tflops("NVIDIA H200", "fp32") is None
     assert peak_tflops("Some Future GPU", "bf16") is None
+
+
+def test_gpu_check_picks_the_fastest_backward_that_failed_no_test(tmp_path):
+    """benchmarks/pick_wkv_bwd.py, run as gpu_check.sh runs it: the fastest bf16 backward at H=12, skipping one
+    with a failed test; "new" when nothing was timed."""
+    def bench(rows):
+        return {"results": [{"impl": impl, "dtype": dt, "fwd_ms": 1.0, "fwd_bwd_ms": ms} for impl, dt, ms in rows]}
+
+    rows = [("rwkv_cuda bwd=new", "bf16", 7.7), ("rwkv_cuda bwd=chunk", "bf16", 9.0), ("rwkv_cuda bwd=old", "bf16", 9.9),
+            ("rwkv_cuda bwd=new H=12", "bf16", 4.2), ("rwkv_cuda bwd=chunk H=12", "bf16", 3.1),
+            ("rwkv_cuda bwd=old H=12", "bf16", 5.0), ("rwkv_cuda bwd=chunk", "fp16", 1.0)]
+    failed = "FAILED tests/test_cuda_kernel.py::test_matches_float64_reference[chunk-1-37-2-True-dtype1] - assert\n"
+    cases = [("", rows, "chunk"), (failed, rows, "new"), ("", rows[:3], "new"), ("", [], "new"),
+             ("ERROR tests/test_cuda_kernel.py::test_x[new-2] - boom\n", rows[:3], "chunk")]
+    for text, rs, want in cases:
+        (tmp_path / "pytest.txt").write_text("12 passed\n" + text)
+        (tmp_path / "bench.json").write_text(json.dumps(bench(rs)))
+        p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "pytest.txt"),
+                            str(tmp_path / "bench.json")], capture_output=True, text=True, check=True)
+        assert p.stdout.strip() == want, (text, rs)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "missing.txt"),
+                        str(tmp_path / "missing.json")], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "new"

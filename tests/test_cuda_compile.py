@@ -52,16 +52,18 @@ def test_nvcc_compiles(nvcc_builds, arch):
     assert rc == 0, f"nvcc -arch={arch} failed:\n{log}"
     assert obj.stat().st_size > 0
     # ptxas reports per dtype the forward and the new backward's row kernel once per row split (1, 2, 4), the
-    # old one-kernel backward and the new one's column kernel: 8 kernels per dtype, 2 dtypes on sm_75, 3 on sm_90.
+    # chunk backward's row kernel (a dS checkpoint every chunk, no split), the old one-kernel backward, the new
+    # one's column kernel and the chunk kernel: 10 kernels per dtype, 2 dtypes on sm_75, 3 on sm_90.
     n_kernels = log.count("Compiling entry function")
-    assert n_kernels == (16 if arch == "sm_75" else 24), log
+    assert n_kernels == (20 if arch == "sm_75" else 30), log
     per_kind = {}
     for name in _ptxas_kernels(log):
-        kind = next(k for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_kernel") if k in name)
+        kind = next(k for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_chunk_kernel", "bwd_kernel")
+                    if k in name)
         per_kind[kind] = per_kind.get(kind, 0) + 1
     n_dtypes = 2 if arch == "sm_75" else 3
-    assert per_kind == {"fwd_kernel": 3 * n_dtypes, "bwd_rows_kernel": 3 * n_dtypes,
-                        "bwd_cols_kernel": n_dtypes, "bwd_kernel": n_dtypes}, per_kind
+    assert per_kind == {"fwd_kernel": 3 * n_dtypes, "bwd_rows_kernel": 4 * n_dtypes, "bwd_cols_kernel": n_dtypes,
+                        "bwd_chunk_kernel": n_dtypes, "bwd_kernel": n_dtypes}, per_kind
 
 
 def test_bf16_only_for_sm80_plus(nvcc_builds):
@@ -83,6 +85,8 @@ def _ptxas_kernels(log: str) -> dict:
             kernels[name]["spill_stores"] = int(line.split("bytes spill stores")[0].split(",")[-1])
         elif name and "Used" in line and "registers" in line:
             kernels[name]["registers"] = int(line.split("Used")[1].split("registers")[0])
+            m = re.search(r"(\d+) bytes smem", line)
+            kernels[name]["smem"] = int(m.group(1)) if m else 0
     return kernels
 
 
@@ -97,6 +101,17 @@ def test_split_kernels_do_not_spill(nvcc_builds):
         assert len(split) == (4 if arch == "sm_75" else 6) * 2, sorted(kernels)
         for name, k in split.items():
             assert k.get("spill_stores") == 0 and k.get("registers", 999) <= 255, f"{arch} {name}: {k}"
+
+
+def test_chunk_kernel_fits_four_blocks_per_sm(nvcc_builds):
+    """bwd_chunk_kernel (KAGGLETRAIN_WKV_BWD=chunk) is capped at 128 registers (4 blocks of 128 threads per SM)
+    and its static shared memory stays under the 48 KB a block may have without opting in: no spill beyond a
+    few bytes (sm_75's fp16 instance spills 4 bytes outside the loops)."""
+    for arch in NVCC_ARCHS:
+        chunk = {n: k for n, k in _ptxas_kernels(nvcc_builds[arch][1]).items() if "bwd_chunk_kernel" in n}
+        assert len(chunk) == (2 if arch == "sm_75" else 3), sorted(chunk)
+        for name, k in chunk.items():
+            assert k["registers"] <= 128 and k["spill_stores"] <= 16 and 0 < k["smem"] <= 48 * 1024, f"{arch} {name}: {k}"
 
 
 def test_backward_has_no_large_spills(nvcc_builds):
@@ -162,10 +177,11 @@ CASES = [  # B, T, H, dtype, w_f32, with initial state, with final-state grad
     (1, 128, 1, torch.float32, False, False, True),  # exactly two segments
     (2, 70, 1, torch.float16, False, True, False),
 ]
-# The backward implementations (KAGGLETRAIN_WKV_BWD): "old" one kernel, "new" rows + parallel columns kernels;
-# with the row split of the forward and the row kernel (KAGGLETRAIN_WKV_SPLIT: 1, 2 or 4 blocks per head). The
-# old backward only sees the split through the forward's checkpoints and sa: split 1 and 4 are enough there.
-VARIANTS = [("old", 1), ("old", 4), ("new", 1), ("new", 2), ("new", 4)]
+# The backward implementations (KAGGLETRAIN_WKV_BWD): "old" one kernel, "new" rows + parallel columns kernels,
+# "chunk" rows + chunk-parallel dense products; with the row split of the forward and the row kernel
+# (KAGGLETRAIN_WKV_SPLIT: 1, 2 or 4 blocks per head). The old and chunk backwards only see the split through
+# the forward's checkpoints and sa: split 1 and 4 are enough there.
+VARIANTS = [("old", 1), ("old", 4), ("new", 1), ("new", 2), ("new", 4), ("chunk", 1), ("chunk", 4)]
 
 
 def _case_inputs(B, T, H, N, dtype, w_f32, has_s0, has_dsT):

@@ -6,9 +6,9 @@ logits over the whole range, L2-normalised kk, a = -kk, b = kk * gate, random in
 gradients on y AND the final state. Tolerance on the relative L2 error of y, the final state and every
 gradient: 1e-5 for float32 inputs, 3e-3 for float16/bfloat16 (the reference sees the same rounded inputs).
 
-The backward has two implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new (default: new, the two-kernel one, since an
-H200 run verified and timed it):
-the reference comparisons run with both; the other tests with the default. The forward and the new backward's
+The backward has three implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk (default: new, the
+two-kernel one, since an H200 run verified and timed it; chunk: the same row kernel, then chunk-parallel dense
+products for the column sums): the reference comparisons run with all three; the other tests with the default. The forward and the new backward's
 row kernel split each head's rows over KAGGLETRAIN_WKV_SPLIT=1|2|4|auto blocks (default 1): a few reference
 cases run with each split, and one test checks that all splits give bitwise the same outputs and gradients.
 
@@ -99,7 +99,7 @@ def _report(case: str, errors: dict) -> None:
             fh.write(json.dumps({"case": case, **errors}) + "\n")
 
 
-@pytest.fixture(params=["new", "old"])
+@pytest.fixture(params=["new", "old", "chunk"])
 def bwd(request, monkeypatch):
     """The backward implementation under test (read by the extension at each backward call)."""
     monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", request.param)
@@ -183,7 +183,7 @@ def test_splits_bitwise_equal(wkv_cuda, monkeypatch):
     dy = torch.randn(1, 83, 3, N, generator=g, device="cuda").to(dtype)
     dsT = torch.randn(1, 3, N, N, generator=g, device="cuda")
     outs = {}
-    for variant in ("new", "old"):
+    for variant in ("new", "old"):  # chunk's row kernel has no split
         monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", variant)
         for split in ("1", "2", "4", "auto"):
             monkeypatch.setenv("KAGGLETRAIN_WKV_SPLIT", split)
@@ -271,13 +271,13 @@ def test_dispatch_uses_cuda_kernel(wkv_cuda):
 
 
 def test_bwd_variant_selection(wkv_cuda, monkeypatch):
-    """KAGGLETRAIN_WKV_BWD picks the backward per call; both agree closely (same math, different
-    sub-chunk lengths for the recomputed states)."""
+    """KAGGLETRAIN_WKV_BWD picks the backward per call; all three agree closely (old and new: the same math
+    with different sub-chunk lengths for the recomputed states; chunk: the chunked algebra)."""
     from rwkv_cuda.loader import load_extension
 
     ext = load_extension()
     grads = {}
-    for variant in ("old", "new"):
+    for variant in ("old", "new", "chunk"):
         monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", variant)
         assert ext.bwd_variant() == variant
         ins, g = _inputs(2, 200, 3, torch.float32, seed=17)
@@ -288,8 +288,8 @@ def test_bwd_variant_selection(wkv_cuda, monkeypatch):
         grads[variant] = [x.grad for x in X]
     monkeypatch.delenv("KAGGLETRAIN_WKV_BWD")
     assert ext.bwd_variant() == "new"  # the default since the H200 run of 2026-11-28
-    for a, b in zip(grads["old"], grads["new"]):
-        assert _rel(b, a.double()) < 1e-5
+    for a, b, c in zip(grads["old"], grads["new"], grads["chunk"]):
+        assert _rel(b, a.double()) < 1e-5 and _rel(c, a.double()) < 1e-5
 
 
 def test_rejects_bad_shapes(wkv_cuda):
