@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <type_traits>
 #include <ucontext.h>
 #include <vector>
 
@@ -179,6 +180,72 @@ int launch(Kernel kernel, dim3 grid, dim3 block, Args... args) {
 }
 
 }  // namespace emu
+
+// ---- nvcuda::wmma, the TF32 subset (m16n16k8). A fragment here holds its WHOLE tile in every thread (the real
+// layout across the warp's lanes is opaque to the kernels, which only use whole-fragment operations and
+// element-wise maps), so each emulated thread computes the warp's full result. Reads and writes of shared
+// memory around these calls must be separated by __syncthreads, as on the GPU across warps.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K> struct FragShape;
+template <int M, int N, int K> struct FragShape<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
+template <int M, int N, int K> struct FragShape<matrix_b, M, N, K> { static constexpr int R = K, C = N; };
+template <int M, int N, int K> struct FragShape<accumulator, M, N, K> { static constexpr int R = M, C = N; };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int R = FragShape<Use, M, N, K>::R, C = FragShape<Use, M, N, K>::C;
+  static constexpr int num_elements = R * C;
+  float x[R * C];  // [row][col] of the tile
+};
+
+inline float __float_to_tf32(float f) {  // cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits
+  if (!std::isfinite(f)) return f;
+  unsigned u = __float_as_uint(f);
+  u = (u + 0x1000u) & ~0x1fffu;
+  return __uint_as_float(u);
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::R; ++r)
+    for (int c = 0; c < F::C; ++c)
+      f.x[r * F::C + c] = std::is_same<Layout, col_major>::value ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm, layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (layout == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+}
+template <int M, int N, int K, typename T>
+inline void fill_fragment(fragment<accumulator, M, N, K, T, void>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+// d = a b + c, float32 accumulation in k order (the GPU's internal order and rounding may differ slightly).
+template <int M, int N, int K, typename TA, typename LA, typename LB, typename TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, TC, void>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float acc = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) acc = std::fmaf(a.x[i * K + k], b.x[k * N + j], acc);
+      out[i * N + j] = acc;
+    }
+  std::memcpy(d.x, out, sizeof out);
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 #define threadIdx (emu::st().cur->tid)
 #define blockIdx (emu::st().block_idx)

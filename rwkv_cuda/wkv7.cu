@@ -1,6 +1,6 @@
 // WKV-7 kernels: launchers and instantiations. Compiles standalone (no torch headers):
-//   nvcc -c -arch=sm_75 wkv7.cu                          (fp32 + fp16)
-//   nvcc -c -arch=sm_90 -DWKV7_WITH_BF16=1 wkv7.cu       (fp32 + fp16 + bf16)
+//   nvcc -c -arch=sm_75 wkv7.cu                          (fp32 + fp16; the chunk backward on CUDA cores)
+//   nvcc -c -arch=sm_90 -DWKV7_WITH_BF16=1 wkv7.cu       (fp32 + fp16 + bf16; the chunk backward on tensor cores)
 // and on the CPU with -x c++ -DWKV7_EMU (cuda_emu.h) for the emulated tests.
 // bf16 is only instantiated when WKV7_WITH_BF16 is set, which the loader does for sm_80 and newer only.
 #ifdef WKV7_EMU
@@ -11,6 +11,7 @@
 #else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #if WKV7_WITH_BF16
 #include <cuda_bf16.h>
 #endif
@@ -22,6 +23,7 @@
 
 #include "wkv7_api.h"
 #include "wkv7_kernels.cuh"
+#include "wkv7_chunk.cuh"
 
 namespace wkv7 {
 
@@ -132,11 +134,16 @@ int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
   const int err = backward_rows_rs<T, 1, 1>(p, dsa, dsck, stream);  // no row split: it measured slower
   if (err || nC == 0) return err;
+  detail::ChunkIO<T> io;
+  io.T_len = p.T; io.H = p.H;
+  io.r = static_cast<const T*>(p.r); io.k = static_cast<const T*>(p.k); io.v = static_cast<const T*>(p.v);
+  io.a = static_cast<const T*>(p.a); io.b = static_cast<const T*>(p.b); io.dy = static_cast<const T*>(p.dy);
+  io.w = p.w; io.w_f32 = p.w_f32;
+  io.ckpt = p.ckpt; io.sa = p.sa; io.dsa = dsa; io.dsck = dsck;
+  io.dr = static_cast<T*>(p.dr); io.dk = static_cast<T*>(p.dk); io.da = static_cast<T*>(p.da); io.db = static_cast<T*>(p.db);
+  io.dw = p.dw;
   auto chunk = detail::bwd_chunk_kernel<T, kHead>;
-  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(128), 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w,
-              p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<const T*>(p.a),
-              static_cast<const T*>(p.b), static_cast<const T*>(p.dy), p.ckpt, p.sa, dsa, dsck,
-              static_cast<T*>(p.dr), p.dw, static_cast<T*>(p.dk), static_cast<T*>(p.da), static_cast<T*>(p.db));
+  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
   return (int)cudaGetLastError();
 }
 
