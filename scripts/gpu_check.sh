@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
-# benchmarks (WKV backwards new/chunk/old; 0.1B end to end, eager + profile, then per-block torch.compile; three
-# dry runs; a tuning sweep of the kernel's compile-time knobs if time is left), print a short summary LAST.
+# benchmarks (WKV backwards new/chunk/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
+# per-block torch.compile; two more dry runs; a tuning sweep of the kernel's compile-time knobs if time is
+# left), print a short summary LAST.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
 #   GPU_CHECK_BUDGET_S=500 timeout 550 scripts/gpu_check.sh   (~6-8 min on an H200; each step is capped
 #   by what is left of the budget, and skipped when too little is left). Logs and JSON go to $OUT when set (device tool), else a temp dir.
@@ -70,6 +71,15 @@ export KAGGLETRAIN_WKV_BWD=$("$PY" benchmarks/pick_wkv_bwd.py "$OUT/pytest.txt" 
 echo "end-to-end runs use KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
 
 save
+echo "== dry run that runs out of memory (issue 11: the batch search on a GPU)"
+DRY3_RC=1
+H100CFG="configs/rwkv7_0.1b_h100.yaml data.source=builtin data.tokenizer=byte"  # byte ids < vocab 65536
+# Out of memory on purpose (2M tokens per micro-batch): the dry run must answer with a batch that fits.
+enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 \
+  train.micro_batch_size=512 --dry-run --steps 3 --json > "$OUT/dry_run_gpu_oom.json" 2> "$OUT/dry_run_gpu_oom.err"
+  DRY3_RC=$?; }
+
+save
 echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096), eager then per-block torch.compile"
 TRAIN_RC=1
 enough 40 && { timeout "$(cap 150)" "$PY" benchmarks/bench_train_gpu.py --profile 15 --json "$OUT/bench_train_gpu.json" \
@@ -78,17 +88,12 @@ enough 70 && timeout "$(cap 150)" "$PY" benchmarks/bench_train_gpu.py --compile 
     --json "$OUT/bench_train_gpu_compiled.json" 2>&1 | tee "$OUT/train_compiled.txt"
 
 save
-echo "== dry runs: tiny config, the 0.1B H100 config, and an out-of-memory one (issue 11)"
-DRY_RC=1; DRY2_RC=1; DRY3_RC=1
+echo "== dry runs: tiny config and the 0.1B H100 config (issue 11)"
+DRY_RC=1; DRY2_RC=1
 enough 30 && { timeout "$(cap 90)" "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
   --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"; DRY_RC=$?; }
-H100CFG="configs/rwkv7_0.1b_h100.yaml data.source=builtin data.tokenizer=byte"  # byte ids < vocab 65536
 enough 30 && { timeout "$(cap 90)" "$PY" -m kaggletrain train $H100CFG --dry-run --steps 4 --json \
   > "$OUT/dry_run_gpu_0.1b.json" 2> "$OUT/dry_run_gpu_0.1b.err"; DRY2_RC=$?; }
-# Out of memory on purpose (2M tokens per micro-batch): the dry run must answer with a batch that fits.
-enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 \
-  train.micro_batch_size=512 --dry-run --steps 3 --json > "$OUT/dry_run_gpu_oom.json" 2> "$OUT/dry_run_gpu_oom.err"
-  DRY3_RC=$?; }
 
 save
 echo "== tuning sweep of the kernel's compile-time knobs (benchmarks/sweep_wkv_gpu.py, if time is left)"
