@@ -298,3 +298,18 @@ def test_rejects_bad_shapes(wkv_cuda):
         wkv_cuda(ins[0], ins[1][:, :4], *ins[2:])
     with pytest.raises(ValueError):
         wkv_cuda(*ins, torch.zeros(1, 1, N, N + 1, device="cuda"))
+
+
+def test_doctor_names_the_backward_and_self_checks_it(wkv_cuda):
+    """`kaggletrain doctor --json` in a subprocess with KAGGLETRAIN_WKV_BWD=chunk: it reports that backward and
+    its self-check (every supported dtype against float64) passes."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KAGGLETRAIN_WKV_BWD": "chunk"}
+    res = subprocess.run([sys.executable, "-m", "kaggletrain", "doctor", "--json"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    kernel = json.loads(res.stdout)["wkv_kernel"]
+    assert kernel["backward"] == "chunk" and kernel["status"] == "ok", kernel
+    assert kernel["self_check"] and all(c["passed"] for c in kernel["self_check"].values()), kernel

@@ -78,8 +78,10 @@ def collect(build: bool = True) -> dict:
         kernel = {"status": "built" if ok else "unavailable", "seconds": round(time.perf_counter() - t0, 1),
                   "error": b["error"], "log": str(b["log"]) if b["log"] else None}
         if ok:
+            from rwkv_cuda import load_extension
             from rwkv_cuda.selfcheck import self_check
 
+            kernel["backward"] = load_extension().bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk, else new
             checks = self_check()
             kernel["self_check"] = {k: {"max_rel_err": err, "passed": passed} for k, (err, passed) in checks.items()}
             kernel["status"] = "ok" if all(p for _, p in checks.values()) else "SELF-CHECK FAILED"
@@ -164,6 +166,8 @@ def doctor(
         line += f": {k['error']}"
     if k.get("log"):
         line += f"\nlog: {k['log']}"
+    if k.get("backward"):
+        line += f"\nbackward: {k['backward']} (KAGGLETRAIN_WKV_BWD)"
     for dt, c in k.get("self_check", {}).items():
         line += f"\n{dt}: max rel err {c['max_rel_err']:.1e} {'ok' if c['passed'] else 'FAIL'}"
     table.add_row("WKV CUDA kernel", line)
