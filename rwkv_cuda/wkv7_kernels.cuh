@@ -55,6 +55,9 @@
 // the latency-bound phase A. Sub-chunk states (SUB = 8 there: 8 instead of 12 recompute steps per chunk, at
 // most 7 backsteps: <= 1.7e-6 relative even with every decay at its minimum, 3e-7 typical) sit in a
 // per-thread local array and are loaded just before the exact step, so they are not live in the hot loop.
+//
+// Backward "chunk" (KAGGLETRAIN_WKV_BWD=chunk): bwd_rows_kernel with a dS checkpoint at every chunk end, then
+// wkv7_chunk.cuh's bwd_chunk_kernel in place of bwd_cols_kernel (the column sums as dense products per chunk).
 #pragma once
 
 #ifndef WKV7_COLS_MINB
