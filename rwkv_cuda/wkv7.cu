@@ -123,9 +123,9 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
-// Chunk-parallel columns: the row recursion (one block per head) with a dS checkpoint at every chunk end, then one block per
-// (head, chunk) forms dr, dw, dk, da, db from dense products (bwd_chunk_kernel). Scratch: dsa [B,T,H,N], then
-// the dS checkpoints [B*H, nC, N, N].
+// Chunk-parallel columns: the row recursion (one block per head) with a dS checkpoint at every chunk end,
+// then one block per (head, chunk) forms dr, dw, dk, da, db from dense products (bwd_chunk_kernel). Scratch:
+// dsa [B,T,H,N], then the dS checkpoints [B*H, nC, N, N] (4x the new backward's: 16 KB per head and chunk).
 template <typename T>
 int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   const long long BH = (long long)p.B * p.H;
