@@ -121,20 +121,34 @@ __device__ __forceinline__ void prefix_log_decay(float (*g)[N]) {
 }
 
 // The decay gradient from the float32 outputs (out[0..3] = dr, da, dk, db of the chunk) and psi: the phi
-// recursion above, one key per thread of the first N.
+// recursion above, one key per thread of the first N. The chunk's r, k, a, b, w are loaded up front (compile-
+// time token indices keep them in registers), so the 16 dependent steps wait on no memory.
 template <typename T, int N, int NP>
 __device__ __forceinline__ void decay_grad(const ChunkIO<T>& io, const ChunkPos& pos, const float (*out)[kChunk][NP],
                                            const float* psi) {
   const int j = threadIdx.x;
   if (j >= N) return;
-  const int H = io.H;
-  float phi = psi[j] + IO<T>::load1(io.r + pos.off(pos.Lc - 1, H, N) + j) * out[0][pos.Lc - 1][j];
-  for (int t = pos.Lc - 1; t >= 0; --t) {
-    const long long off = pos.off(t, H, N) + j;
-    const float dl = phi - IO<T>::load1(io.b + off) * out[3][t][j] - IO<T>::load1(io.k + off) * out[2][t][j];
-    const float wt = io.w_f32 ? static_cast<const float*>(io.w)[off] : IO<T>::load1(static_cast<const T*>(io.w) + off);
-    store_w1<T>(io.dw, io.w_f32, off, dl * dlogd_dw(wt));
-    if (t > 0) phi = dl + IO<T>::load1(io.a + off) * out[1][t][j] + IO<T>::load1(io.r + off - (long long)H * N) * out[0][t - 1][j];
+  const int H = io.H, Lc = pos.Lc;
+  float rr[kChunk], kk[kChunk], aa[kChunk], bb[kChunk], fw[kChunk];
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) {
+    rr[t] = kk[t] = aa[t] = bb[t] = fw[t] = 0.f;
+    if (t < Lc) {
+      const long long off = pos.off(t, H, N) + j;
+      rr[t] = IO<T>::load1(io.r + off); kk[t] = IO<T>::load1(io.k + off);
+      aa[t] = IO<T>::load1(io.a + off); bb[t] = IO<T>::load1(io.b + off);
+      fw[t] = dlogd_dw(io.w_f32 ? static_cast<const float*>(io.w)[off] : IO<T>::load1(static_cast<const T*>(io.w) + off));
+    }
+  }
+  float phi = psi[j];  // tokens past T are identity steps: phi passes through them unchanged
+#pragma unroll
+  for (int t = kChunk - 1; t >= 0; --t) {
+    if (t < Lc) {
+      if (t == Lc - 1) phi += rr[t] * out[0][t][j];  // phi of the last token: its own dy r^T term
+      const float dl = phi - bb[t] * out[3][t][j] - kk[t] * out[2][t][j];
+      store_w1<T>(io.dw, io.w_f32, pos.off(t, H, N) + j, dl * fw[t]);
+      phi = dl + aa[t] * out[1][t][j] + (t > 0 ? rr[t - 1] * out[0][t - 1][j] : 0.f);
+    }
   }
 }
 
