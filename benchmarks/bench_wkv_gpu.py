@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
 
-Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,chunk,old`, selected through
+Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,chunk,fused,old`, selected through
 KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call), then the new backward once per row split
 (`--split auto,1`, none by default: KAGGLETRAIN_WKV_SPLIT, the blocks per head of the forward and the backward's row kernel; the
 name shows what auto resolved to), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--impls", default="cuda,chunked,sdpa")
-    p.add_argument("--bwd", default="new,chunk,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
+    p.add_argument("--bwd", default="new,chunk,fused,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
     p.add_argument("--split", default="",
                    help="row splits to time the new backward with (KAGGLETRAIN_WKV_SPLIT: 1, 2, 4, auto; comma-"
                         "separated); none by default: every split measured slower on an H200")

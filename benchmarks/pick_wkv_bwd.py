@@ -1,7 +1,7 @@
 """Which rwkv_cuda backward gpu_check.sh's end-to-end runs use: the fastest (bf16 forward+backward, at H=12 when
 timed there, the 0.1B model's heads, else at the main shape) among the backwards no CUDA test failed for.
 
-    python benchmarks/pick_wkv_bwd.py PYTEST_OUTPUT BENCH_JSON     (prints new, chunk or old)
+    python benchmarks/pick_wkv_bwd.py PYTEST_OUTPUT BENCH_JSON     (prints new, chunk, fused or old)
 
 A backward "failed" when a FAILED/ERROR line of the pytest output names it as its test parameter. Missing
 files count as nothing timed / nothing failed; with nothing timed the answer is "new", the default.
@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-VARIANTS = ("new", "chunk", "old")
+VARIANTS = ("new", "chunk", "fused", "old")
 
 
 def failed_variants(pytest_text: str) -> set:

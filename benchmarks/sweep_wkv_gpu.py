@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: (flags, backward)
     "base": ("", "new"),
     "chunk": ("", "chunk"),
+    "fused": ("", "fused"),  # the chunk backward as one launch (row recursion and chunks overlapping)
     "chunksimt": ("-DWKV7_CHUNK_TC=0", "chunk"),  # the chunk kernel's CUDA-core body (the T4's) on this GPU
     "chunkminb2": ("-DWKV7_CHUNK_MINB=2", "chunk"),  # chunk kernel: up to 255 registers, 2 blocks per SM
     "chunkminb3": ("-DWKV7_CHUNK_MINB=3", "chunk"),  # up to 168 registers

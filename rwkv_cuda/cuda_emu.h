@@ -254,6 +254,14 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment
 
 inline void __syncthreads() { emu::yield_barrier(); }
 
+// Blocks run one after another here, so atomics are plain read-modify-writes and fences are no-ops.
+inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
+inline int atomicExch(int* p, int v) { const int old = *p; *p = v; return old; }
+inline void __threadfence() {}
+inline void __nanosleep(unsigned) {}
+inline float4 __ldcg(const float4* p) { return *p; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
+
 // Warp shuffle: publish, rendezvous, read the partner's slot, rendezvous again (so the slot is not
 // overwritten before everyone has read it).
 template <typename T>

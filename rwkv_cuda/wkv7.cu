@@ -123,6 +123,19 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+template <typename T>
+detail::ChunkIO<T> chunk_io(const BwdArgs& p, const float* dsa, const float* dsck) {
+  detail::ChunkIO<T> io;
+  io.T_len = p.T; io.H = p.H;
+  io.r = static_cast<const T*>(p.r); io.k = static_cast<const T*>(p.k); io.v = static_cast<const T*>(p.v);
+  io.a = static_cast<const T*>(p.a); io.b = static_cast<const T*>(p.b); io.dy = static_cast<const T*>(p.dy);
+  io.w = p.w; io.w_f32 = p.w_f32;
+  io.ckpt = p.ckpt; io.sa = p.sa; io.dsa = dsa; io.dsck = dsck;
+  io.dr = static_cast<T*>(p.dr); io.dk = static_cast<T*>(p.dk); io.da = static_cast<T*>(p.da); io.db = static_cast<T*>(p.db);
+  io.dw = p.dw;
+  return io;
+}
+
 // Chunk-parallel columns: the row recursion (one block per head) with a dS checkpoint at every chunk end,
 // then one block per (head, chunk) forms dr, dw, dk, da, db from dense products (bwd_chunk_kernel). Scratch:
 // dsa [B,T,H,N], then the dS checkpoints [B*H, nC, N, N] (4x the new backward's: 16 KB per head and chunk).
@@ -134,16 +147,27 @@ int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
   const int err = backward_rows_rs<T, 1, 1>(p, dsa, dsck, stream);  // no row split: it measured slower
   if (err || nC == 0) return err;
-  detail::ChunkIO<T> io;
-  io.T_len = p.T; io.H = p.H;
-  io.r = static_cast<const T*>(p.r); io.k = static_cast<const T*>(p.k); io.v = static_cast<const T*>(p.v);
-  io.a = static_cast<const T*>(p.a); io.b = static_cast<const T*>(p.b); io.dy = static_cast<const T*>(p.dy);
-  io.w = p.w; io.w_f32 = p.w_f32;
-  io.ckpt = p.ckpt; io.sa = p.sa; io.dsa = dsa; io.dsck = dsck;
-  io.dr = static_cast<T*>(p.dr); io.dk = static_cast<T*>(p.dk); io.da = static_cast<T*>(p.da); io.db = static_cast<T*>(p.db);
-  io.dw = p.dw;
+  const detail::ChunkIO<T> io = chunk_io<T>(p, dsa, dsck);
   auto chunk = detail::bwd_chunk_kernel<T, kHead>;
   WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
+  return (int)cudaGetLastError();
+}
+
+// kBwdChunk's two kernels as one launch (bwd_fused_kernel): B*H row-recursion blocks, then B*H*nC chunk blocks
+// that each wait for their chunk's flag. Scratch: as kBwdChunk, then 2 + B*H*nC ints (zeroed here).
+template <typename T>
+int backward_fused_t(const BwdArgs& p, cudaStream_t stream) {
+  const long long BH = (long long)p.B * p.H;
+  const int nC = (p.T + kCkptLen - 1) / kCkptLen;
+  if (nC == 0) return backward_chunk_t<T>(p, stream);  // T = 0: only ds0 = dsT, which the row kernel writes
+  float* dsa = p.scratch;
+  float* dsck = dsa + (long long)p.B * p.T * p.H * p.N;
+  int* sync = reinterpret_cast<int*>(dsck + BH * nC * p.N * p.N);
+  if (int err = (int)cudaMemsetAsync(sync, 0, (size_t)(2 + BH * nC) * sizeof(int), stream)) return err;
+  const detail::ChunkIO<T> io = chunk_io<T>(p, dsa, dsck);
+  auto fused = detail::bwd_fused_kernel<T, kHead, kTpr>;
+  WKV7_LAUNCH(fused, dim3((unsigned)(BH * (nC + 1))), dim3(detail::kChunkThreads), 0, stream, io, p.dsT,
+              static_cast<T*>(p.dv), p.ds0, dsa, dsck, sync);
   return (int)cudaGetLastError();
 }
 
@@ -151,6 +175,7 @@ template <typename T>
 int backward_t(const BwdArgs& p, cudaStream_t stream) {
   if (p.variant == kBwdOld) return backward_old_t<T>(p, stream);
   if (p.variant == kBwdChunk) return backward_chunk_t<T>(p, stream);
+  if (p.variant == kBwdFused) return backward_fused_t<T>(p, stream);
   return backward_new_t<T>(p, stream);
 }
 
@@ -162,16 +187,19 @@ long long bwd_scratch_floats(int B, int T, int H, int N, int variant) {
   variant = resolve_bwd_variant(variant);
   if (variant == kBwdOld) return (long long)B * H * (kCkptLen / kSub - 1) * N * N;
   const long long nC = (T + kCkptLen - 1) / kCkptLen;
-  const long long nSeg = variant == kBwdChunk ? nC : (nC + kSegChunks - 1) / kSegChunks;
-  return (long long)B * T * H * N + (long long)B * H * nSeg * N * N;
+  const bool every_chunk = variant == kBwdChunk || variant == kBwdFused;
+  const long long nSeg = every_chunk ? nC : (nC + kSegChunks - 1) / kSegChunks;
+  const long long sync_ints = variant == kBwdFused ? 2 + (long long)B * H * nC : 0;  // int and float: 4 bytes
+  return (long long)B * T * H * N + (long long)B * H * nSeg * N * N + sync_ints;
 }
 
 int resolve_bwd_variant(int variant) {
-  if (variant == kBwdOld || variant == kBwdNew || variant == kBwdChunk) return variant;
+  if (variant == kBwdOld || variant == kBwdNew || variant == kBwdChunk || variant == kBwdFused) return variant;
   const char* env = std::getenv("KAGGLETRAIN_WKV_BWD");
   if (env && std::strcmp(env, "old") == 0) return kBwdOld;
   if (env && std::strcmp(env, "new") == 0) return kBwdNew;
   if (env && std::strcmp(env, "chunk") == 0) return kBwdChunk;
+  if (env && std::strcmp(env, "fused") == 0) return kBwdFused;
   return kBwdDefault;
 }
 

@@ -1,5 +1,6 @@
-// WKV-7 backward, chunk-parallel column sums ("chunk", KAGGLETRAIN_WKV_BWD=chunk). Included by wkv7.cu after
-// wkv7_kernels.cuh (it uses its I/O and decay helpers and runs after its bwd_rows_kernel).
+// WKV-7 backward, chunk-parallel column sums (KAGGLETRAIN_WKV_BWD=chunk, or =fused for the one-launch form at
+// the end). Included by wkv7.cu after wkv7_kernels.cuh (it uses its I/O and decay helpers and its row
+// recursion, bwd_rows_kernel / rows_body).
 //
 // Replaces bwd_cols_kernel (per-token N^2 column sums, ~5 of the 6 ms backward on an H200) with the chunked
 // algebra of kaggletrain/ops/wkv_chunked.py as small dense products. bwd_rows_kernel first writes dsa and the
@@ -9,7 +10,8 @@
 // inside the chunk) and G_t the full gradient of S_t:
 //   dr_t = S_t^T dy_t      = e^{g_t}     [ S0^T dy_t  + sum_{s<=t} ((dy_t.sa_s) b_s + (dy_t.v_s) k_s) e^{-g_s} ]
 //   da_t = S_{t-1}^T dsa_t = e^{g_{t-1}} [ S0^T dsa_t + sum_{s<t}  ((dsa_t.sa_s) b_s + (dsa_t.v_s) k_s) e^{-g_s} ]
-//   dk_t = G_t^T v_t = e^{g_L - g_t} [ E^T v_t + sum_{s>=t} (v_t.dy_s) r_s e^{g_s - g_L} + sum_{s>t} (v_t.dsa_s) a_s e^{g_{s-1} - g_L} ]
+//   dk_t = G_t^T v_t = e^{g_L - g_t} [ E^T v_t + sum_{s>=t} (v_t.dy_s) r_s e^{g_s - g_L}
+//                                               + sum_{s>t} (v_t.dsa_s) a_s e^{g_{s-1} - g_L} ]
 //   db_t = G_t^T sa_t: as dk_t with sa_t for v_t.
 // Each exponential factor lies within e^{+-9.7} (L = 16, log d >= -0.6065) and each product of two is <= 1, so
 // float32 keeps its relative precision. The decay gradient needs no per-token N^2 sum: with
@@ -60,14 +62,13 @@ struct ChunkIO {
   void* dw;
 };
 
-// Where block blockIdx.x = (b*H + h) * nC + chunk works.
+// Where the block working on chunk c of head bh = b*H + h reads and writes.
 struct ChunkPos {
   int nC, t0, Lc;
   long long bh, row0;  // row0: token t0's row of [B*T, H]
-  __device__ __forceinline__ ChunkPos(int T_len, int H) {
+  __device__ __forceinline__ ChunkPos(int T_len, int H, long long bh_, int c) {
     nC = (T_len + kChunk - 1) / kChunk;
-    bh = blockIdx.x / nC;
-    const int c = (int)(blockIdx.x % nC);
+    bh = bh_;
     t0 = c * kChunk;
     Lc = min(kChunk, T_len - t0);
     row0 = ((bh / H) * T_len + t0) * H + bh % H;
@@ -79,6 +80,9 @@ struct ChunkPos {
 __device__ __forceinline__ float dot4(const float4& x, const float4& y, float acc) {
   return fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, fmaf(x.x, y.x, acc))));
 }
+
+// A float4 through L2 only (ld.global.cg): data another block of the same fused launch wrote.
+__device__ __forceinline__ float4 ld_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 template <typename T>
 __device__ __forceinline__ void store_w1(void* dw, bool w_f32, long long off, float x) {
@@ -98,7 +102,7 @@ __device__ __forceinline__ void stage_tokens(const ChunkIO<T>& io, const ChunkPo
     if (tt < pos.Lc) {
       const long long off = pos.off(tt, io.H, N) + i;
       gy = IO<T>::load4(io.dy + off);
-      gs = IO<float>::load4(io.dsa + off);
+      gs = ld_cg4(io.dsa + off);  // from the row recursion (another block, in the fused backward)
       vv = IO<T>::load4(io.v + off);
       ss = IO<float>::load4(io.sa + off);
       const float4 ww = cvt_w4<T>(load_w_raw4<T>(io.w, io.w_f32, off), io.w_f32);
@@ -203,7 +207,7 @@ __device__ __forceinline__ void stage_state_half(ChunkSmemTC<N>& sm, const float
   for (int idx = threadIdx.x; idx < N * QG; idx += kChunkThreads) {  // uniform trip count (N*QG % 128 == 0)
     const int j = idx / QG, i = 4 * (idx % QG);
     const long long src = (long long)j * N + kh * S::KH + i;
-    const float4 e = IO<float>::load4(ET + src);
+    const float4 e = ld_cg4(ET + src);
     sts4(&sm.u.st[0][j][i], IO<float>::load4(S0T + src));
     sts4(&sm.u.st[1][j][i], e);
     float part = dot4(e, IO<float>::load4(SLT + src), 0.f);
@@ -250,12 +254,11 @@ __device__ __forceinline__ void token_product(FragC (&out)[N / 16], const float*
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void chunk_body_tc(const ChunkIO<T>& io) {
+__device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>& io, long long bh, int c) {
   using S = ChunkSmemTC<N>;
   constexpr int L = kChunk, NP = S::NP;
-  __shared__ __align__(32) S sm;
   const int tid = threadIdx.x, wp = tid >> 5;
-  const ChunkPos pos(io.T_len, io.H);
+  const ChunkPos pos(io.T_len, io.H, bh, c);
   const long long NN = (long long)N * N;
   const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.chunk()) * NN;
   const float* ET = io.dsck + (pos.bh * pos.nC + pos.chunk()) * NN;
@@ -375,13 +378,12 @@ __device__ __forceinline__ void state_product(float (&acc0)[4][2], float (&acc1)
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void chunk_body_simt(const ChunkIO<T>& io) {
+__device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T>& io, long long bh, int c) {
   using S = ChunkSmemSIMT<N>;
   constexpr int L = kChunk, NG = N / 4, NP = S::NP;
   static_assert(N == 64, "thread layout: 2 keys per lane, 4 tokens per warp");
-  __shared__ __align__(16) S sm;
   const int tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
-  const ChunkPos pos(io.T_len, io.H);
+  const ChunkPos pos(io.T_len, io.H, bh, c);
   const long long NN = (long long)N * N;
   const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.chunk()) * NN;
   const float* SLT = S0T + NN;
@@ -427,7 +429,7 @@ __device__ __forceinline__ void chunk_body_simt(const ChunkIO<T>& io) {
   // ---- E products (dk, db) and psi = sum_i E[i] S_L[i]
   for (int idx = tid; idx < N * NG; idx += kChunkThreads) {
     const int j = idx / NG, i = 4 * (idx % NG);
-    sts4(&sm.u.st[j][i], IO<float>::load4(ET + (long long)j * N + i));
+    sts4(&sm.u.st[j][i], ld_cg4(ET + (long long)j * N + i));
   }
   __syncthreads();
   state_product<N>(acc_k, acc_b, sm.x[2], sm.x[3], sm.u.st, wp, lane);
@@ -523,13 +525,82 @@ __device__ __forceinline__ void chunk_body_simt(const ChunkIO<T>& io) {
 }
 #endif
 
+#if WKV7_CHUNK_USE_TC
+template <int N> using ChunkSmem = ChunkSmemTC<N>;
+#else
+template <int N> using ChunkSmem = ChunkSmemSIMT<N>;
+#endif
+
+// block = (b*H + h) * nC + chunk.
 template <typename T, int N>
 __global__ void __launch_bounds__(kChunkThreads, WKV7_CHUNK_MINB) bwd_chunk_kernel(const ChunkIO<T> io) {
-#if WKV7_CHUNK_USE_TC
-  chunk_body_tc<T, N>(io);
-#else
-  chunk_body_simt<T, N>(io);
+  __shared__ __align__(32) ChunkSmem<N> sm;
+  const int nC = (io.T_len + kChunk - 1) / kChunk;
+  chunk_body<T, N>(sm, io, blockIdx.x / nC, (int)(blockIdx.x % nC));
+}
+
+// ---------------------------------------------------------------- fused: row recursion and chunks at once
+// KAGGLETRAIN_WKV_BWD=fused: one launch of B*H row-recursion blocks and B*H*nC chunk blocks, so the chunk
+// work (parallel) runs while the row recursion (sequential over T, about as long) is still going, instead
+// of after it. A block takes its logical id from an atomic counter, so ids follow the order in which blocks
+// actually start: ids 0..B*H-1 are the row recursions, which wait for nothing; the rest are chunks, latest
+// chunk first (the recursion runs backwards in T), each waiting for its flag. Every block that waits
+// therefore waits on blocks already running: no deadlock, whatever the GPU's size or scheduling order.
+// A wait is bounded (~4 s); one that runs out sets sync[1], after which every wait ends at once, so a bug
+// shows up as wrong gradients in the tests, never as a hung GPU.
+// sync: [0] id counter, [1] abort, [2 ..] one flag per (head, chunk); all zero at launch.
+template <int N>
+union FusedSmem {
+  RowsSmem<N, N> rows;
+  ChunkSmem<N> chunk;
+};
+
+__device__ __forceinline__ void wait_flag(int* flag, int* abort) {
+#ifdef WKV7_EMU
+  // The emulator runs blocks in id order: every row recursion has finished before any chunk block starts, so
+  // an unset flag here is a flag the row recursion never set.
+  if (atomicAdd(flag, 0) == 0) {
+    std::fprintf(stderr, "emu: chunk flag not set by the row recursion\n");
+    std::abort();
+  }
 #endif
+  unsigned ns = 32;
+  for (long long spins = 0; atomicAdd(flag, 0) == 0; ++spins) {
+    if (atomicAdd(abort, 0) != 0) return;
+    if (spins > (1LL << 22)) {
+      atomicExch(abort, 1);
+      return;
+    }
+    __nanosleep(ns);
+    if (ns < 1024) ns *= 2;
+  }
+}
+
+template <typename T, int N, int TPR>
+__global__ void __launch_bounds__(kChunkThreads, WKV7_CHUNK_MINB)
+bwd_fused_kernel(const ChunkIO<T> io, const float* __restrict__ dsT, T* __restrict__ dv, float* __restrict__ ds0,
+                 float* __restrict__ dsa, float* __restrict__ dsck, int* __restrict__ sync) {
+  static_assert((N / 2) * TPR == kChunkThreads, "the row recursion's block (2 rows per thread) is a chunk block");
+  __shared__ __align__(32) FusedSmem<N> sm;
+  __shared__ int s_id;
+  if (threadIdx.x == 0) s_id = atomicAdd(sync, 1);
+  __syncthreads();
+  const long long id = s_id;
+  const int nC = (io.T_len + kChunk - 1) / kChunk;
+  const long long BH = (long long)gridDim.x / (nC + 1);
+  if (id < BH) {
+    RowsSmem<N, N>& rs = sm.rows;
+    rows_body<T, N, TPR, 1, 2, 1>(rs.r, rs.d, rs.k, rs.a, rs.b, rs.dy, id, sync + 2, io.T_len, io.H, io.r, io.w,
+                                  io.w_f32, io.k, io.a, io.b, io.dy, dsT, dsa, dv, dsck, ds0);
+    return;
+  }
+  const long long item = id - BH;
+  const long long bh = item % BH;
+  const int c = nC - 1 - (int)(item / BH);
+  if (threadIdx.x == 0) wait_flag(sync + 2 + bh * nC + c, sync + 1);
+  __syncthreads();
+  __threadfence();
+  chunk_body<T, N>(sm.chunk, io, bh, c);
 }
 
 }  // namespace detail

@@ -57,7 +57,8 @@
 // per-thread local array and are loaded just before the exact step, so they are not live in the hot loop.
 //
 // Backward "chunk" (KAGGLETRAIN_WKV_BWD=chunk): bwd_rows_kernel with a dS checkpoint at every chunk end, then
-// wkv7_chunk.cuh's bwd_chunk_kernel in place of bwd_cols_kernel (the column sums as dense products per chunk).
+// wkv7_chunk.cuh's bwd_chunk_kernel in place of bwd_cols_kernel (the column sums as dense products per chunk);
+// "fused": both in one launch (wkv7_chunk.cuh's bwd_fused_kernel, which runs rows_body for the recursion).
 #pragma once
 
 #ifndef WKV7_COLS_MINB
@@ -715,12 +716,23 @@ bwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
 // Phase A over the whole sequence. Scratch: dsa [B,T,H,N] float32; dsck [B*H, nSeg, N, N] transposed, entry g
 // = the gradient of the state at the end of segment g (the state after token min(T, (g+1)*CPB*CH) - 1).
 // C dS rows per thread; RS blocks per head (RowSplit), each writing its own rows of dsa, dv, dsck and ds0.
+// rows_body is the work of logical block `block`, staging each chunk in s_r .. s_dy (float32 [token][key];
+// s_dy: [token][the block's rows]). done (the fused backward only, else nullptr): per (head, chunk) flags,
+// each set once that chunk's dsa and dS checkpoint are written. bwd_rows_kernel (below) passes separate
+// __shared__ arrays: as a struct, ptxas allocated the standalone kernels' registers differently.
+template <int N, int NR>
+struct RowsSmem {  // the same staging as one struct, for the fused kernel's shared-memory union
+  float r[kChunk * N], d[kChunk * N], k[kChunk * N], a[kChunk * N], b[kChunk * N], dy[kChunk * NR];
+};
+
 template <typename T, int N, int TPR, int CPB, int C, int RS>
-__global__ void __launch_bounds__((N / RS / C) * TPR)
-bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
-                const T* __restrict__ k, const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
-                const float* __restrict__ dsT, float* __restrict__ dsa_out, T* __restrict__ dv,
-                float* __restrict__ dsck, float* __restrict__ ds0) {
+__device__ __forceinline__ void rows_body(float* const s_r, float* const s_d, float* const s_k, float* const s_a,
+                                          float* const s_b, float* const s_dy, const long long block, int* done,
+                                          const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w,
+                                          const bool w_f32, const T* __restrict__ k, const T* __restrict__ a,
+                                          const T* __restrict__ b, const T* __restrict__ dy,
+                                          const float* __restrict__ dsT, float* __restrict__ dsa_out,
+                                          T* __restrict__ dv, float* __restrict__ dsck, float* __restrict__ ds0) {
   constexpr int CH = kChunk;
   constexpr int NR = RowSplit<N, RS>::NR;
   constexpr int NT = (NR / C) * TPR;
@@ -736,17 +748,10 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
                 (CH * NGY) % NT == 0, "bad tiling");
   using Raw = typename IO<T>::raw4;
 
-  __shared__ __align__(16) float s_r[CH * N];
-  __shared__ __align__(16) float s_d[CH * N];
-  __shared__ __align__(16) float s_k[CH * N];
-  __shared__ __align__(16) float s_a[CH * N];
-  __shared__ __align__(16) float s_b[CH * N];
-  __shared__ __align__(16) float s_dy[CH * NR];  // [token][the block's rows]
-
   const int tid = threadIdx.x;
   const Lanes<TPR> ln(tid);
   const int q = ln.q, p = ln.p;
-  const RowSplit<N, RS> rs(blockIdx.x);
+  const RowSplit<N, RS> rs(block);
   const long long bh = rs.bh;
   const int row0 = rs.row0;
   const int h = (int)(bh % H);
@@ -869,6 +874,11 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
           for (int cc = 0; cc < C; ++cc) dSr[cc][4 * m + e] = fmaf(dsa[cc], comp(a4, e), dSr[cc][4 * m + e] * comp(d4, e));
       }
     }
+    if (done) {  // this chunk's dsa and its dS checkpoint (stored before the loop) are in global memory
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicExch(done + bh * nC + c, 1);
+    }
   }
   if (ds0) {
 #pragma unroll
@@ -878,6 +888,23 @@ bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const voi
         IO<float>::store4(ds0 + bh * NN + (long long)(row0 + C * p + cc) * N + slice4<TPR>(q, m),
                           make_float4(dSr[cc][4 * m], dSr[cc][4 * m + 1], dSr[cc][4 * m + 2], dSr[cc][4 * m + 3]));
   }
+}
+
+template <typename T, int N, int TPR, int CPB, int C, int RS>
+__global__ void __launch_bounds__((N / RS / C) * TPR)
+bwd_rows_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __restrict__ w, const bool w_f32,
+                const T* __restrict__ k, const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
+                const float* __restrict__ dsT, float* __restrict__ dsa_out, T* __restrict__ dv,
+                float* __restrict__ dsck, float* __restrict__ ds0) {
+  constexpr int CH = kChunk, NR = N / RS;
+  __shared__ __align__(16) float s_r[CH * N];
+  __shared__ __align__(16) float s_d[CH * N];
+  __shared__ __align__(16) float s_k[CH * N];
+  __shared__ __align__(16) float s_a[CH * N];
+  __shared__ __align__(16) float s_b[CH * N];
+  __shared__ __align__(16) float s_dy[CH * NR];  // [token][the block's rows]
+  rows_body<T, N, TPR, CPB, C, RS>(s_r, s_d, s_k, s_a, s_b, s_dy, blockIdx.x, nullptr, T_len, H, r, w, w_f32, k, a, b,
+                                   dy, dsT, dsa_out, dv, dsck, ds0);
 }
 
 // Recompute + phase B for one segment of CPB chunks (block = (b*H + h) * nSeg + segment), chunks in reverse.

@@ -145,9 +145,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ckpt_len") = wkv7::kCkptLen;
   m.def("bwd_variant", []() {
           const int v = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);
-          return std::string(v == wkv7::kBwdOld ? "old" : v == wkv7::kBwdChunk ? "chunk" : "new");
+          return std::string(v == wkv7::kBwdOld     ? "old"
+                             : v == wkv7::kBwdChunk ? "chunk"
+                             : v == wkv7::kBwdFused ? "fused"
+                                                    : "new");
         },
-        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk, else the default");
+        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else the default");
   m.def("split", [](int64_t BH) { return wkv7::resolve_split(0, (long long)BH); },
         "blocks per head the forward and the backward's row kernel use now for B*H heads on the current GPU: "
         "KAGGLETRAIN_WKV_SPLIT=1|2|4|auto, else 1");

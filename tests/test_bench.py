@@ -137,7 +137,10 @@ def test_gpu_check_picks_the_fastest_backward_that_failed_no_test(tmp_path):
             ("rwkv_cuda bwd=old H=12", "bf16", 5.0), ("rwkv_cuda bwd=chunk", "fp16", 1.0)]
     failed = "FAILED tests/test_cuda_kernel.py::test_matches_float64_reference[chunk-1-37-2-True-dtype1] - assert\n"
     cases = [("", rows, "chunk"), (failed, rows, "new"), ("", rows[:3], "new"), ("", [], "new"),
-             ("ERROR tests/test_cuda_kernel.py::test_x[new-2] - boom\n", rows[:3], "chunk")]
+             ("ERROR tests/test_cuda_kernel.py::test_x[new-2] - boom\n", rows[:3], "chunk"),
+             ("", rows + [("rwkv_cuda bwd=fused H=12", "bf16", 2.6)], "fused"),
+             ("FAILED tests/test_cuda_kernel.py::test_y[fused-1-2] - x\n", rows + [("rwkv_cuda bwd=fused H=12", "bf16", 2.6)],
+              "chunk")]
     for text, rs, want in cases:
         (tmp_path / "pytest.txt").write_text("12 passed\n" + text)
         (tmp_path / "bench.json").write_text(json.dumps(bench(rs)))

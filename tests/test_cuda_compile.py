@@ -53,17 +53,18 @@ def test_nvcc_compiles(nvcc_builds, arch):
     assert obj.stat().st_size > 0
     # ptxas reports per dtype the forward and the new backward's row kernel once per row split (1, 2, 4), the
     # chunk backward's row kernel (a dS checkpoint every chunk, no split), the old one-kernel backward, the new
-    # one's column kernel and the chunk kernel: 10 kernels per dtype, 2 dtypes on sm_75, 3 on sm_90.
+    # one's column kernel, the chunk kernel and the fused one: 11 kernels per dtype, 2 dtypes on sm_75, 3 on sm_90.
     n_kernels = log.count("Compiling entry function")
-    assert n_kernels == (20 if arch == "sm_75" else 30), log
+    assert n_kernels == (22 if arch == "sm_75" else 33), log
     per_kind = {}
     for name in _ptxas_kernels(log):
-        kind = next(k for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_chunk_kernel", "bwd_kernel")
-                    if k in name)
+        kind = next(k for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_chunk_kernel",
+                                "bwd_fused_kernel", "bwd_kernel") if k in name)
         per_kind[kind] = per_kind.get(kind, 0) + 1
     n_dtypes = 2 if arch == "sm_75" else 3
     assert per_kind == {"fwd_kernel": 3 * n_dtypes, "bwd_rows_kernel": 4 * n_dtypes, "bwd_cols_kernel": n_dtypes,
-                        "bwd_chunk_kernel": n_dtypes, "bwd_kernel": n_dtypes}, per_kind
+                        "bwd_chunk_kernel": n_dtypes, "bwd_fused_kernel": n_dtypes,
+                        "bwd_kernel": n_dtypes}, per_kind
 
 
 def test_bf16_only_for_sm80_plus(nvcc_builds):
@@ -112,11 +113,19 @@ def test_chunk_kernel_fits_four_blocks_per_sm(nvcc_builds):
     common = 4 * L * NP + L * N + 4 * L * L + N  # token operands, log-decay sums, pair products, psi
     want_smem = {"sm_90": 4 * (common + 2 * N * (N // 2 + 4)), "sm_75": 4 * (common + max(N * NP, 4 * L * N))}
     for arch in NVCC_ARCHS:
-        chunk = {n: k for n, k in _ptxas_kernels(nvcc_builds[arch][1]).items() if "bwd_chunk_kernel" in n}
+        kernels = _ptxas_kernels(nvcc_builds[arch][1])
+        chunk = {n: k for n, k in kernels.items() if "bwd_chunk_kernel" in n}
         assert len(chunk) == (2 if arch == "sm_75" else 3), sorted(chunk)
         for name, k in chunk.items():
             assert k["registers"] <= 128 and k["spill_stores"] <= 16, f"{arch} {name}: {k}"
             assert k["smem"] == want_smem[arch] <= 48 * 1024, f"{arch} {name}: {k}"
+        # The fused kernel: the same bodies, shared memory the union of both (the chunk's is larger) plus its id;
+        # the float32 row recursion spills a little under the 128-register cap.
+        fused = {n: k for n, k in kernels.items() if "bwd_fused_kernel" in n}
+        assert len(fused) == len(chunk), sorted(fused)
+        for name, k in fused.items():
+            assert k["registers"] <= 128 and k["spill_stores"] <= 128, f"{arch} {name}: {k}"
+            assert k["smem"] == want_smem[arch] + 4, f"{arch} {name}: {k}"
 
 
 def test_backward_has_no_large_spills(nvcc_builds):
@@ -200,8 +209,9 @@ CASES = [  # B, T, H, dtype, w_f32, with initial state, with final-state grad
 # (KAGGLETRAIN_WKV_SPLIT: 1, 2 or 4 blocks per head). The old and chunk backwards only see the split through
 # the forward's checkpoints and sa: split 1 and 4 are enough there.
 # "chunk-simt" is the chunk backward's CUDA-core body (the sm_75 build), from the second emulator build.
+# "fused" is chunk's two kernels as one launch (the same arithmetic).
 VARIANTS = [("old", 1), ("old", 4), ("new", 1), ("new", 2), ("new", 4), ("chunk", 1), ("chunk", 4),
-            ("chunk-simt", 1)]
+            ("chunk-simt", 1), ("fused", 1)]
 
 
 def _case_inputs(B, T, H, N, dtype, w_f32, has_s0, has_dsT):
@@ -262,6 +272,14 @@ def test_emulated_kernels_match_reference(emu_exes, tmp_path, B, T, H, dtype, w_
         assert torch.isfinite(have.float()).all(), f"{name}: unwritten (NaN-poisoned) or non-finite elements"
         err = ((have.double() - want).norm() / want.norm()).item()
         assert err <= tol, f"{name}: relative L2 error {err:.2e} > {tol:.0e}"
+
+
+def test_emulated_fused_backward_equals_chunk_bitwise(emu_exe, tmp_path):
+    """The fused launch runs the chunk backward's arithmetic unchanged: every output is bitwise the same. (In
+    the emulator each chunk block also checks that the row recursion set its flag.)"""
+    for case in (CASES[0], CASES[6], CASES[8]):
+        blob = _case_inputs(*case[:3], 64, *case[3:])[-1]
+        assert _run_emu(emu_exe, tmp_path, blob, "fused", 1) == _run_emu(emu_exe, tmp_path, blob, "chunk", 1), case
 
 
 @pytest.mark.parametrize("variant", ["chunk", "chunk-simt"])

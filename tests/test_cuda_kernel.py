@@ -6,9 +6,10 @@ logits over the whole range, L2-normalised kk, a = -kk, b = kk * gate, random in
 gradients on y AND the final state. Tolerance on the relative L2 error of y, the final state and every
 gradient: 1e-5 for float32 inputs, 3e-3 for float16/bfloat16 (the reference sees the same rounded inputs).
 
-The backward has three implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk (default: new, the
-two-kernel one, since an H200 run verified and timed it; chunk: the same row kernel, then chunk-parallel dense
-products for the column sums): the reference comparisons run with all three; the other tests with the default. The forward and the new backward's
+The backward has four implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk|fused (default:
+new, the two-kernel one, since an H200 run verified and timed it; chunk: the same row kernel, then chunk-parallel
+dense products for the column sums; fused: chunk's two kernels as one launch): the reference comparisons run with
+all four; the other tests with the default. The forward and the new backward's
 row kernel split each head's rows over KAGGLETRAIN_WKV_SPLIT=1|2|4|auto blocks (default 1): a few reference
 cases run with each split, and one test checks that all splits give bitwise the same outputs and gradients.
 
@@ -99,7 +100,7 @@ def _report(case: str, errors: dict) -> None:
             fh.write(json.dumps({"case": case, **errors}) + "\n")
 
 
-@pytest.fixture(params=["new", "old", "chunk"])
+@pytest.fixture(params=["new", "old", "chunk", "fused"])
 def bwd(request, monkeypatch):
     """The backward implementation under test (read by the extension at each backward call)."""
     monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", request.param)
@@ -271,13 +272,14 @@ def test_dispatch_uses_cuda_kernel(wkv_cuda):
 
 
 def test_bwd_variant_selection(wkv_cuda, monkeypatch):
-    """KAGGLETRAIN_WKV_BWD picks the backward per call; all three agree closely (old and new: the same math
-    with different sub-chunk lengths for the recomputed states; chunk: the chunked algebra)."""
+    """KAGGLETRAIN_WKV_BWD picks the backward per call; all four agree closely (old and new: the same math
+    with different sub-chunk lengths for the recomputed states; chunk: the chunked algebra; fused: chunk's
+    arithmetic in one launch, bitwise equal to it)."""
     from rwkv_cuda.loader import load_extension
 
     ext = load_extension()
     grads = {}
-    for variant in ("old", "new", "chunk"):
+    for variant in ("old", "new", "chunk", "fused"):
         monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", variant)
         assert ext.bwd_variant() == variant
         ins, g = _inputs(2, 200, 3, torch.float32, seed=17)
@@ -288,8 +290,9 @@ def test_bwd_variant_selection(wkv_cuda, monkeypatch):
         grads[variant] = [x.grad for x in X]
     monkeypatch.delenv("KAGGLETRAIN_WKV_BWD")
     assert ext.bwd_variant() == "new"  # the default since the H200 run of 2026-11-28
-    for a, b, c in zip(grads["old"], grads["new"], grads["chunk"]):
+    for a, b, c, f in zip(grads["old"], grads["new"], grads["chunk"], grads["fused"]):
         assert _rel(b, a.double()) < 1e-5 and _rel(c, a.double()) < 1e-5
+        assert torch.equal(f, c)  # the same arithmetic in one launch
 
 
 def test_rejects_bad_shapes(wkv_cuda):
