@@ -274,7 +274,7 @@ def test_dispatch_uses_cuda_kernel(wkv_cuda):
 def test_bwd_variant_selection(wkv_cuda, monkeypatch):
     """KAGGLETRAIN_WKV_BWD picks the backward per call; all four agree closely (old and new: the same math
     with different sub-chunk lengths for the recomputed states; chunk: the chunked algebra; fused: chunk's
-    arithmetic in one launch, bitwise equal to it)."""
+    arithmetic in one launch)."""
     from rwkv_cuda.loader import load_extension
 
     ext = load_extension()
@@ -292,7 +292,9 @@ def test_bwd_variant_selection(wkv_cuda, monkeypatch):
     assert ext.bwd_variant() == "new"  # the default since the H200 run of 2026-11-28
     for a, b, c, f in zip(grads["old"], grads["new"], grads["chunk"], grads["fused"]):
         assert _rel(b, a.double()) < 1e-5 and _rel(c, a.double()) < 1e-5
-        assert torch.equal(f, c)  # the same arithmetic in one launch
+        # The same source arithmetic in one launch (bitwise equal in the emulator); nvcc compiles the two kernels
+        # separately, so allow its FMA-contraction choices to differ.
+        assert _rel(f, c.double()) < 1e-6
 
 
 def test_rejects_bad_shapes(wkv_cuda):
