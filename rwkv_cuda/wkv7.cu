@@ -98,6 +98,17 @@ int backward_rows_rs(const BwdArgs& p, float* dsa, float* dsck, cudaStream_t str
   return (int)cudaGetLastError();
 }
 
+// The backward scratch (bwd_scratch_floats): dsa [B,T,H,N] float32, then nCk dS checkpoints per head
+// [B*H, nCk, N, N], then (fused backward only) its sync ints.
+struct Scratch {
+  float* dsa;
+  float* dsck;
+  int* sync;
+  Scratch(const BwdArgs& p, long long nCk)
+      : dsa(p.scratch), dsck(dsa + (long long)p.B * p.T * p.H * p.N),
+        sync(reinterpret_cast<int*>(dsck + (long long)p.B * p.H * nCk * p.N * p.N)) {}
+};
+
 // Two kernels: the sequential dS row recursion (B*H*split blocks), then the column sums parallel over
 // segments of kSegChunks chunks (B*H*nSeg blocks). Scratch: dsa [B,T,H,N], then the dS checkpoints [B*H, nSeg, N, N].
 template <typename T>
@@ -105,20 +116,19 @@ int backward_new_t(const BwdArgs& p, cudaStream_t stream) {
   const long long BH = (long long)p.B * p.H;
   const int nC = (p.T + kCkptLen - 1) / kCkptLen;
   const int nSeg = (nC + kSegChunks - 1) / kSegChunks;
-  float* dsa = p.scratch;
-  float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
+  const Scratch sc(p, nSeg);
   int err;
   switch (resolve_split(p.split, BH)) {
-    case 2: err = backward_rows_rs<T, kSegChunks, 2>(p, dsa, dsck, stream); break;
-    case 4: err = backward_rows_rs<T, kSegChunks, 4>(p, dsa, dsck, stream); break;
-    default: err = backward_rows_rs<T, kSegChunks, 1>(p, dsa, dsck, stream); break;
+    case 2: err = backward_rows_rs<T, kSegChunks, 2>(p, sc.dsa, sc.dsck, stream); break;
+    case 4: err = backward_rows_rs<T, kSegChunks, 4>(p, sc.dsa, sc.dsck, stream); break;
+    default: err = backward_rows_rs<T, kSegChunks, 1>(p, sc.dsa, sc.dsck, stream); break;
   }
   if (err || nSeg == 0) return err;
   const dim3 block((kHead / 2) * kTpr);
   auto cols = detail::bwd_cols_kernel<T, kHead, kTpr, kSubNew, kSegChunks>;
   WKV7_LAUNCH(cols, dim3((unsigned)(BH * nSeg)), block, 0, stream, p.T, p.H, static_cast<const T*>(p.r), p.w,
               p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<const T*>(p.a),
-              static_cast<const T*>(p.b), static_cast<const T*>(p.dy), p.ckpt, p.sa, dsa, dsck,
+              static_cast<const T*>(p.b), static_cast<const T*>(p.dy), p.ckpt, p.sa, sc.dsa, sc.dsck,
               static_cast<T*>(p.dr), p.dw, static_cast<T*>(p.dk), static_cast<T*>(p.da), static_cast<T*>(p.db));
   return (int)cudaGetLastError();
 }
@@ -143,11 +153,10 @@ template <typename T>
 int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   const long long BH = (long long)p.B * p.H;
   const int nC = (p.T + kCkptLen - 1) / kCkptLen;
-  float* dsa = p.scratch;
-  float* dsck = p.scratch + (long long)p.B * p.T * p.H * p.N;
-  const int err = backward_rows_rs<T, 1, 1>(p, dsa, dsck, stream);  // no row split: it measured slower
+  const Scratch sc(p, nC);
+  const int err = backward_rows_rs<T, 1, 1>(p, sc.dsa, sc.dsck, stream);  // no row split: it measured slower
   if (err || nC == 0) return err;
-  const detail::ChunkIO<T> io = chunk_io<T>(p, dsa, dsck);
+  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
   auto chunk = detail::bwd_chunk_kernel<T, kHead>;
   WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
   return (int)cudaGetLastError();
@@ -160,14 +169,12 @@ int backward_fused_t(const BwdArgs& p, cudaStream_t stream) {
   const long long BH = (long long)p.B * p.H;
   const int nC = (p.T + kCkptLen - 1) / kCkptLen;
   if (nC == 0) return backward_chunk_t<T>(p, stream);  // T = 0: only ds0 = dsT, which the row kernel writes
-  float* dsa = p.scratch;
-  float* dsck = dsa + (long long)p.B * p.T * p.H * p.N;
-  int* sync = reinterpret_cast<int*>(dsck + BH * nC * p.N * p.N);
-  if (int err = (int)cudaMemsetAsync(sync, 0, (size_t)(2 + BH * nC) * sizeof(int), stream)) return err;
-  const detail::ChunkIO<T> io = chunk_io<T>(p, dsa, dsck);
+  const Scratch sc(p, nC);
+  if (int err = (int)cudaMemsetAsync(sc.sync, 0, (size_t)(2 + BH * nC) * sizeof(int), stream)) return err;
+  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
   auto fused = detail::bwd_fused_kernel<T, kHead, kTpr>;
   WKV7_LAUNCH(fused, dim3((unsigned)(BH * (nC + 1))), dim3(detail::kChunkThreads), 0, stream, io, p.dsT,
-              static_cast<T*>(p.dv), p.ds0, dsa, dsck, sync);
+              static_cast<T*>(p.dv), p.ds0, sc.dsa, sc.dsck, sc.sync);
   return (int)cudaGetLastError();
 }
 

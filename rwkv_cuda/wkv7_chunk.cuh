@@ -64,17 +64,17 @@ struct ChunkIO {
 
 // Where the block working on chunk c of head bh = b*H + h reads and writes.
 struct ChunkPos {
-  int nC, t0, Lc;
+  int nC, c, t0, Lc;
   long long bh, row0;  // row0: token t0's row of [B*T, H]
-  __device__ __forceinline__ ChunkPos(int T_len, int H, long long bh_, int c) {
+  __device__ __forceinline__ ChunkPos(int T_len, int H, long long bh_, int c_) {
     nC = (T_len + kChunk - 1) / kChunk;
     bh = bh_;
+    c = c_;
     t0 = c * kChunk;
     Lc = min(kChunk, T_len - t0);
     row0 = ((bh / H) * T_len + t0) * H + bh % H;
   }
   __device__ __forceinline__ long long off(int tt, int H, int N) const { return (row0 + (long long)tt * H) * N; }
-  __device__ __forceinline__ int chunk() const { return t0 / kChunk; }
 };
 
 __device__ __forceinline__ float dot4(const float4& x, const float4& y, float acc) {
@@ -110,6 +110,19 @@ __device__ __forceinline__ void stage_tokens(const ChunkIO<T>& io, const ChunkPo
     }
     sts4(&x[0][tt][i], gy); sts4(&x[1][tt][i], gs); sts4(&x[2][tt][i], vv); sts4(&x[3][tt][i], ss);
     sts4(&g[tt][i], ld);
+  }
+}
+
+// The finished dr, da, dk, db of token t, key j: kept in x[0..3] (float32, for decay_grad) and stored for
+// tokens before T.
+template <typename T, int N, int NP>
+__device__ __forceinline__ void put_outputs(const ChunkIO<T>& io, const ChunkPos& pos, float (*x)[kChunk][NP], int t,
+                                            int j, float xr, float xa, float xk, float xb) {
+  x[0][t][j] = xr; x[1][t][j] = xa; x[2][t][j] = xk; x[3][t][j] = xb;
+  if (t < pos.Lc) {
+    const long long off = pos.off(t, io.H, N) + j;
+    IO<T>::store1(io.dr + off, xr); IO<T>::store1(io.da + off, xa);
+    IO<T>::store1(io.dk + off, xk); IO<T>::store1(io.db + off, xb);
   }
 }
 
@@ -260,8 +273,8 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
   const int tid = threadIdx.x, wp = tid >> 5;
   const ChunkPos pos(io.T_len, io.H, bh, c);
   const long long NN = (long long)N * N;
-  const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.chunk()) * NN;
-  const float* ET = io.dsck + (pos.bh * pos.nC + pos.chunk()) * NN;
+  const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.c) * NN;
+  const float* ET = io.dsck + (pos.bh * pos.nC + pos.c) * NN;
 
   stage_tokens<T, N, NP>(io, pos, sm.x, sm.g);
   stage_state_half<N>(sm, S0T, ET, S0T + NN, 0);
@@ -331,14 +344,8 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
   for (int idx = tid; idx < L * N; idx += kChunkThreads) {
     const int t = idx / N, j = idx % N;
     const float g = sm.g[t][j], gp = t > 0 ? sm.g[t - 1][j] : 0.f, eb = expf(sm.g[L - 1][j] - g);
-    const float xr = sm.x[0][t][j] * expf(g), xa = sm.x[1][t][j] * expf(gp);
-    const float xk = sm.x[2][t][j] * eb, xb = sm.x[3][t][j] * eb;
-    sm.x[0][t][j] = xr; sm.x[1][t][j] = xa; sm.x[2][t][j] = xk; sm.x[3][t][j] = xb;
-    if (t < pos.Lc) {
-      const long long off = pos.off(t, io.H, N) + j;
-      IO<T>::store1(io.dr + off, xr); IO<T>::store1(io.da + off, xa);
-      IO<T>::store1(io.dk + off, xk); IO<T>::store1(io.db + off, xb);
-    }
+    put_outputs<T, N, NP>(io, pos, sm.x, t, j, sm.x[0][t][j] * expf(g), sm.x[1][t][j] * expf(gp), sm.x[2][t][j] * eb,
+                          sm.x[3][t][j] * eb);
   }
   __syncthreads();
   decay_grad<T, N, NP>(io, pos, sm.x, sm.psi);
@@ -385,9 +392,9 @@ __device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T
   const int tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
   const ChunkPos pos(io.T_len, io.H, bh, c);
   const long long NN = (long long)N * N;
-  const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.chunk()) * NN;
+  const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.c) * NN;
   const float* SLT = S0T + NN;
-  const float* ET = io.dsck + (pos.bh * pos.nC + pos.chunk()) * NN;
+  const float* ET = io.dsck + (pos.bh * pos.nC + pos.c) * NN;
 
   stage_tokens<T, N, NP>(io, pos, sm.x, sm.g);
   for (int idx = tid; idx < N * NG; idx += kChunkThreads) {
@@ -510,14 +517,8 @@ __device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T
       const int j = lane + 32 * jj;
       const float g = sm.g[t][j], gp = t > 0 ? sm.g[t - 1][j] : 0.f;
       const float eg = expf(g), eng = expf(-g);
-      const float xr = acc_r[tt][jj] * eg, xa = acc_a[tt][jj] * expf(gp);
-      const float xk = acc_k[tt][jj] * eng, xb = acc_b[tt][jj] * eng;
-      sm.x[0][t][j] = xr; sm.x[1][t][j] = xa; sm.x[2][t][j] = xk; sm.x[3][t][j] = xb;
-      if (t < pos.Lc) {
-        const long long off = pos.off(t, io.H, N) + j;
-        IO<T>::store1(io.dr + off, xr); IO<T>::store1(io.da + off, xa);
-        IO<T>::store1(io.dk + off, xk); IO<T>::store1(io.db + off, xb);
-      }
+      put_outputs<T, N, NP>(io, pos, sm.x, t, j, acc_r[tt][jj] * eg, acc_a[tt][jj] * expf(gp), acc_k[tt][jj] * eng,
+                            acc_b[tt][jj] * eng);
     }
   }
   __syncthreads();

@@ -81,7 +81,7 @@ def collect(build: bool = True) -> dict:
             from rwkv_cuda import load_extension
             from rwkv_cuda.selfcheck import self_check
 
-            kernel["backward"] = load_extension().bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk, else new
+            kernel["backward"] = load_extension().bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else new
             checks = self_check()
             kernel["self_check"] = {k: {"max_rel_err": err, "passed": passed} for k, (err, passed) in checks.items()}
             kernel["status"] = "ok" if all(p for _, p in checks.values()) else "SELF-CHECK FAILED"
