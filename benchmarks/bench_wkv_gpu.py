@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
 
 Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,chunk,fused,old`, selected through
-KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call), then the new backward once per row split
+KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call) with the sequential forward, then with the
+chunked forward (`--fwd chunk`, KAGGLETRAIN_WKV_FWD; sm_80+) and each backward but old, then the new backward once per row split
 (`--split auto,1`, none by default: KAGGLETRAIN_WKV_SPLIT, the blocks per head of the forward and the backward's row kernel; the
 name shows what auto resolved to), the PyTorch chunked fallback (kaggletrain.ops.wkv_chunked, when
 present), and causal SDPA attention at the same size (q, k, v [B, H, T, N]) as a yardstick. `--also-H 12` then
@@ -92,9 +93,17 @@ def cuda_rows(args, wkv_cuda, BH: int) -> list:
     """(name, fn, env) per rwkv_cuda row: one per backward, then the new backward once per row split."""
     from rwkv_cuda.loader import load_extension
 
-    rows = [(f"rwkv_cuda bwd={variant}", wkv_cuda, {"KAGGLETRAIN_WKV_BWD": variant})
-            for variant in filter(None, args.bwd.split(","))]
+    bwds = list(filter(None, args.bwd.split(",")))
+    rows = [(f"rwkv_cuda bwd={variant}", wkv_cuda, {"KAGGLETRAIN_WKV_BWD": variant, "KAGGLETRAIN_WKV_FWD": "seq"})
+            for variant in bwds]
     ext = load_extension()
+    for fwd in filter(None, args.fwd.split(",")):
+        with _env({"KAGGLETRAIN_WKV_FWD": fwd}):
+            if ext.fwd_variant() != fwd:  # e.g. the chunk forward on a GPU without TF32 (the T4)
+                print(f"rwkv_cuda fwd={fwd}: not built for this GPU, not timed")
+                continue
+        rows += [(f"rwkv_cuda fwd={fwd} bwd={variant}", wkv_cuda,
+                  {"KAGGLETRAIN_WKV_BWD": variant, "KAGGLETRAIN_WKV_FWD": fwd}) for variant in bwds if variant != "old"]
     for split in filter(None, args.split.split(",")):
         label = split
         if split == "auto" and hasattr(ext, "split"):  # what auto picks for this many heads on this GPU
@@ -152,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--impls", default="cuda,chunked,sdpa")
     p.add_argument("--bwd", default="new,chunk,fused,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
+    p.add_argument("--fwd", default="chunk",
+                   help="other rwkv_cuda forwards to time, with each backward but old (KAGGLETRAIN_WKV_FWD; the "
+                        "plain rows use the sequential forward)")
     p.add_argument("--split", default="",
                    help="row splits to time the new backward with (KAGGLETRAIN_WKV_SPLIT: 1, 2, 4, auto; comma-"
                         "separated); none by default: every split measured slower on an H200")

@@ -6,7 +6,8 @@
 
 Importing this package is cheap: nothing is compiled (or even imported from torch) until
 `kernel_available` or `wkv_cuda` is first called. See loader.py for the build cache, lock, log and
-fallback, function.py for the autograd wrapper, wkv7_kernels.cuh and wkv7_chunk.cuh for the algorithms.
+fallback, function.py for the autograd wrapper, wkv7_kernels.cuh, wkv7_chunk.cuh (chunked backward) and
+wkv7_fwd_chunk.cuh (chunked forward) for the algorithms.
 """
 
 from rwkv_cuda.loader import HEAD_SIZES, build_info, kernel_available, load_extension

@@ -222,6 +222,12 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* 
       f.x[r * F::C + c] = std::is_same<Layout, col_major>::value ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
 }
 template <int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const float* p, unsigned ldm, layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      f.x[r * N + c] = layout == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <int M, int N, int K, typename T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm, layout_t layout) {
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
@@ -253,6 +259,10 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment
 #define gridDim (emu::st().grid_dim)
 
 inline void __syncthreads() { emu::yield_barrier(); }
+// A warp barrier: here a barrier of the whole block, so every warp of the block must reach the same __syncwarp
+// calls (the kernels call it in block-uniform code). It orders a warp's lanes around shared memory that one
+// emulated lane would otherwise read after another had already rewritten it (each holds whole WMMA tiles).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::yield_barrier(); }
 
 // Blocks run one after another here, so atomics are plain read-modify-writes and fences are no-ops.
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }

@@ -5,8 +5,9 @@
 //      r, w, k, v, a, b, [s0 f32], dy, [dsT f32]   (w as float32 if w_f32, else dtype)
 // OUT: y, sT f32, dr, dw, dk, dv, da, db, ds0 f32  (dw as float32 if w_f32)
 // Every output buffer is filled with 0xFF bytes (NaN in all three dtypes) first, so an element the
-// kernels fail to write shows up. KAGGLETRAIN_WKV_BWD=old|new|chunk|fused picks the backward, KAGGLETRAIN_WKV_SPLIT=1|2|4|auto
-// the row split (default 1; auto assumes 132 SMs: 4 blocks per head for the tests' few heads).
+// kernels fail to write shows up. KAGGLETRAIN_WKV_FWD=seq|chunk picks the forward, KAGGLETRAIN_WKV_BWD=
+// old|new|chunk|fused the backward, KAGGLETRAIN_WKV_SPLIT=1|2|4|auto the row split (default 1; auto assumes
+// 132 SMs: 4 blocks per head for the tests' few heads).
 #include "wkv7.cu"
 
 #include <cstdio>

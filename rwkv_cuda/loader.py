@@ -25,7 +25,7 @@ from pathlib import Path
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCES = ("wkv7.cu", "wkv7_torch.cpp")
-HEADERS = ("wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh")
+HEADERS = ("wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh", "wkv7_fwd_chunk.cuh")
 HEAD_SIZES = (64,)
 CUDA_FLAGS = ("-O3", "-Xptxas=-v", "-lineinfo")
 CXX_FLAGS = ("-O3",)

@@ -1,6 +1,7 @@
 // WKV-7 kernels: launchers and instantiations. Compiles standalone (no torch headers):
 //   nvcc -c -arch=sm_75 wkv7.cu                          (fp32 + fp16; the chunk backward on CUDA cores)
-//   nvcc -c -arch=sm_90 -DWKV7_WITH_BF16=1 wkv7.cu       (fp32 + fp16 + bf16; the chunk backward on tensor cores)
+//   nvcc -c -arch=sm_90 -DWKV7_WITH_BF16=1 wkv7.cu       (fp32 + fp16 + bf16; the chunk backward and the chunk
+//                                                         forward on tensor cores)
 // and on the CPU with -x c++ -DWKV7_EMU (cuda_emu.h) for the emulated tests.
 // bf16 is only instantiated when WKV7_WITH_BF16 is set, which the loader does for sm_80 and newer only.
 #ifdef WKV7_EMU
@@ -24,6 +25,7 @@
 #include "wkv7_api.h"
 #include "wkv7_kernels.cuh"
 #include "wkv7_chunk.cuh"
+#include "wkv7_fwd_chunk.cuh"
 
 namespace wkv7 {
 
@@ -63,8 +65,29 @@ int forward_rs(const FwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+// The chunked tensor-core forward needs TF32 (sm_80+): built where bf16 is (the loader sets WKV7_WITH_BF16 for
+// sm_80 and newer) unless WKV7_CHUNK_TC=0 asks for CUDA cores only.
+#if WKV7_WITH_BF16 && WKV7_CHUNK_TC
+constexpr bool kHaveFwdChunk = true;
+#else
+constexpr bool kHaveFwdChunk = false;
+#endif
+
+template <typename T>
+int forward_chunk_t(const FwdArgs& p, cudaStream_t stream) {
+  auto kernel = detail::fwd_chunk_kernel<T, kHead>;
+  WKV7_LAUNCH(kernel, dim3((unsigned)((long long)p.B * p.H)), dim3(detail::kFwdChunkThreads), 0, stream, p.T, p.H,
+              static_cast<const T*>(p.r), p.w, p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v),
+              static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.s0, static_cast<T*>(p.y), p.sT, p.ckpt,
+              p.sa);
+  return (int)cudaGetLastError();
+}
+
 template <typename T>
 int forward_t(const FwdArgs& p, cudaStream_t stream) {
+  if constexpr (kHaveFwdChunk) {  // not instantiated at all where it cannot run (the sm_75 build)
+    if (resolve_fwd_variant(p.variant) == kFwdChunk) return forward_chunk_t<T>(p, stream);
+  }
   switch (resolve_split(p.split, (long long)p.B * p.H)) {
     case 2: return forward_rs<T, 2>(p, stream);
     case 4: return forward_rs<T, 4>(p, stream);
@@ -198,6 +221,16 @@ long long bwd_scratch_floats(int B, int T, int H, int N, int variant) {
   const long long nSeg = every_chunk ? nC : (nC + kSegChunks - 1) / kSegChunks;
   const long long sync_ints = variant == kBwdFused ? 2 + (long long)B * H * nC : 0;  // int and float: 4 bytes
   return (long long)B * T * H * N + (long long)B * H * nSeg * N * N + sync_ints;
+}
+
+int resolve_fwd_variant(int variant) {
+  if (variant != kFwdSeq && variant != kFwdChunk) {
+    const char* env = std::getenv("KAGGLETRAIN_WKV_FWD");
+    variant = env && std::strcmp(env, "chunk") == 0 ? kFwdChunk
+              : env && std::strcmp(env, "seq") == 0 ? kFwdSeq
+                                                    : kFwdDefault;
+  }
+  return variant == kFwdChunk && !kHaveFwdChunk ? kFwdSeq : variant;
 }
 
 int resolve_bwd_variant(int variant) {

@@ -22,6 +22,12 @@ constexpr int kCkptLen = 16;
 
 inline long long num_ckpt(int T) { return (T + kCkptLen - 1) / kCkptLen + 1; }
 
+// Forward implementations. kFwdSeq: fwd_kernel, token by token. kFwdChunk: chunks of kCkptLen tokens as dense
+// tensor-core products (fwd_chunk_kernel; builds with TF32, i.e. sm_80+; elsewhere it resolves to kFwdSeq).
+// kFwdAuto: the environment variable KAGGLETRAIN_WKV_FWD=seq|chunk, else kFwdDefault.
+enum FwdVariant : int { kFwdAuto = 0, kFwdSeq = 1, kFwdChunk = 2 };
+constexpr int kFwdDefault = kFwdSeq;  // until a GPU has timed kFwdChunk
+
 // Backward implementations. kBwdOld: one block per (batch, head) runs everything (bwd_kernel). kBwdNew: the
 // sequential dS row recursion in one kernel, then the column sums parallel over segments of kBwdSegChunks
 // chunks in a second one. kBwdChunk: the same row recursion, then the column sums of each chunk as dense
@@ -50,7 +56,8 @@ struct FwdArgs {
   float* sT = nullptr;        // final state [B,H,N,N]
   float* ckpt = nullptr;      // optional (training): [B,H,num_ckpt(T),N,N], each state TRANSPOSED [key][value]
   float* sa = nullptr;        // optional (training): [B,T,H,N] float32, S_{t-1} a_t
-  int split = 0;              // row split; resolved with resolve_split
+  int split = 0;              // row split of kFwdSeq; resolved with resolve_split
+  int variant = kFwdAuto;     // FwdVariant; resolved with resolve_fwd_variant
 };
 
 struct BwdArgs {
@@ -69,6 +76,9 @@ struct BwdArgs {
   int split = 0;           // row split of bwd_rows_kernel (kBwdNew only); resolved with resolve_split
 };
 
+// kFwdSeq or kFwdChunk: `variant` itself unless kFwdAuto, then KAGGLETRAIN_WKV_FWD (seq|chunk), else
+// kFwdDefault; kFwdChunk only where this build has it.
+int resolve_fwd_variant(int variant);
 // Floats of backward scratch (in all) for this shape and variant.
 long long bwd_scratch_floats(int B, int T, int H, int N, int variant);
 // kBwdOld, kBwdNew, kBwdChunk or kBwdFused: `variant` itself unless kBwdAuto, then KAGGLETRAIN_WKV_BWD

@@ -59,6 +59,9 @@
 // Backward "chunk" (KAGGLETRAIN_WKV_BWD=chunk): bwd_rows_kernel with a dS checkpoint at every chunk end, then
 // wkv7_chunk.cuh's bwd_chunk_kernel in place of bwd_cols_kernel (the column sums as dense products per chunk);
 // "fused": both in one launch (wkv7_chunk.cuh's bwd_fused_kernel, which runs rows_body for the recursion).
+//
+// Forward "chunk" (KAGGLETRAIN_WKV_FWD=chunk, sm_80+): wkv7_fwd_chunk.cuh's fwd_chunk_kernel in place of
+// fwd_kernel, the same outputs (checkpoints, sa) from dense products per 16-token chunk.
 #pragma once
 
 #ifndef WKV7_COLS_MINB

@@ -151,6 +151,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                     : "new");
         },
         "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else the default");
+  m.def("fwd_variant", []() { return std::string(wkv7::resolve_fwd_variant(wkv7::kFwdAuto) == wkv7::kFwdChunk ? "chunk" : "seq"); },
+        "the forward that runs now: KAGGLETRAIN_WKV_FWD=seq|chunk (chunk only where built: sm_80+), else the default");
   m.def("split", [](int64_t BH) { return wkv7::resolve_split(0, (long long)BH); },
         "blocks per head the forward and the backward's row kernel use now for B*H heads on the current GPU: "
         "KAGGLETRAIN_WKV_SPLIT=1|2|4|auto, else 1");

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
-# benchmarks (WKV backwards new/chunk/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
+# benchmarks (WKV forwards seq/chunk, backwards new/chunk/fused/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
 # per-block torch.compile; two more dry runs; a tuning sweep of the kernel's compile-time knobs if time is
 # left), print a short summary LAST.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
@@ -63,12 +63,13 @@ TEST_RC=${PIPESTATUS[0]}
 save
 echo "== benchmark"
 BENCH_RC=1
-enough 40 && { timeout "$(cap 120)" "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 \
+enough 40 && { timeout "$(cap 150)" "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 \
   | tee "$OUT/bench.txt"; BENCH_RC=${PIPESTATUS[0]}; }
-# The end-to-end runs below use the fastest backward (bf16 fwd+bwd at the 0.1B model's H=12) among those that
-# failed no test; "new", the default, when nothing was timed.
+# The end-to-end runs below use the fastest backward (bf16 fwd+bwd at the 0.1B model's H=12) and forward among
+# those that failed no test; "new" and "seq", the defaults, when nothing was timed.
 export KAGGLETRAIN_WKV_BWD=$("$PY" benchmarks/pick_wkv_bwd.py "$OUT/pytest.txt" "$OUT/bench_wkv_gpu.json")
-echo "end-to-end runs use KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
+export KAGGLETRAIN_WKV_FWD=$("$PY" benchmarks/pick_wkv_bwd.py --forward "$OUT/pytest.txt" "$OUT/bench_wkv_gpu.json")
+echo "end-to-end runs use KAGGLETRAIN_WKV_FWD=$KAGGLETRAIN_WKV_FWD KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
 
 save
 echo "== dry run that runs out of memory (issue 11: the batch search on a GPU)"
@@ -125,7 +126,7 @@ if os.path.exists(path):
     for r in b["results"]:
         print(f"| {r['impl']} | {r['dtype']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
 EOF
-echo "bench rc=$BENCH_RC; end-to-end runs used KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
+echo "bench rc=$BENCH_RC; end-to-end runs used KAGGLETRAIN_WKV_FWD=$KAGGLETRAIN_WKV_FWD KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
 grep -h "^| " "$OUT/sweep.txt" 2>/dev/null || echo "sweep: not run"

@@ -150,3 +150,28 @@ def test_gpu_check_picks_the_fastest_backward_that_failed_no_test(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "missing.txt"),
                         str(tmp_path / "missing.json")], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "new"
+
+
+def test_gpu_check_picks_the_chunk_forward_only_when_faster_and_passing(tmp_path):
+    """pick_wkv_bwd.py --forward: "chunk" when its bf16 forward (H=12 rows first) beats the sequential one and
+    none of its tests failed; a failure in its own tests does not count against the backward it ran with."""
+    def bench(rows):
+        return {"results": [{"impl": impl, "dtype": dt, "fwd_ms": f, "fwd_bwd_ms": f + 5} for impl, dt, f in rows]}
+
+    def run(*args):
+        p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), *args, str(tmp_path / "pytest.txt"),
+                            str(tmp_path / "bench.json")], capture_output=True, text=True, check=True)
+        return p.stdout.strip()
+
+    rows = [("rwkv_cuda bwd=new", "bf16", 1.7), ("rwkv_cuda fwd=chunk bwd=new", "bf16", 2.0),
+            ("rwkv_cuda bwd=new H=12", "bf16", 1.4), ("rwkv_cuda fwd=chunk bwd=new H=12", "bf16", 0.9),
+            ("rwkv_cuda fwd=chunk bwd=new", "fp16", 0.1)]
+    failed = "FAILED tests/test_cuda_kernel.py::test_chunk_forward_matches_float64_reference[1-37-2-fp32-new] - x\n"
+    for text, rs, want in [("", rows, "chunk"), (failed, rows, "seq"), ("", rows[:2], "seq"), ("", rows[:1], "seq"),
+                           ("", [], "seq")]:
+        (tmp_path / "pytest.txt").write_text("9 passed\n" + text)
+        (tmp_path / "bench.json").write_text(json.dumps(bench(rs)))
+        assert run("--forward") == want, (text, rs)
+    (tmp_path / "pytest.txt").write_text(failed)
+    (tmp_path / "bench.json").write_text(json.dumps(bench(rows)))
+    assert run() == "new"  # the backward keeps its own verdict

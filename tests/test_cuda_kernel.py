@@ -6,6 +6,8 @@ logits over the whole range, L2-normalised kk, a = -kk, b = kk * gate, random in
 gradients on y AND the final state. Tolerance on the relative L2 error of y, the final state and every
 gradient: 1e-5 for float32 inputs, 3e-3 for float16/bfloat16 (the reference sees the same rounded inputs).
 
+The forward has two: the sequential one (default) and KAGGLETRAIN_WKV_FWD=chunk, chunks of 16 tokens as
+tensor-core products (sm_80+), checked against the reference with three backwards.
 The backward has four implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk|fused (default:
 new, the two-kernel one, since an H200 run verified and timed it; chunk: the same row kernel, then chunk-parallel
 dense products for the column sums; fused: chunk's two kernels as one launch): the reference comparisons run with
@@ -145,6 +147,33 @@ def _check(fn, B, T, H, dtype, seed, with_state, w_f32=False, bwd=None):
 @pytest.mark.parametrize("B,T,H", SHAPES)
 def test_matches_float64_reference(wkv_cuda, bwd, B, T, H, with_state, dtype):
     _check(wkv_cuda, B, T, H, dtype, seed=7919 * T + 31 * B + H + int(with_state), with_state=with_state, bwd=bwd)
+
+
+@pytest.mark.parametrize("bwd_after", ["new", "chunk", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H", SHAPES)
+def test_chunk_forward_matches_float64_reference(wkv_cuda, monkeypatch, B, T, H, dtype, bwd_after):
+    """KAGGLETRAIN_WKV_FWD=chunk (tensor cores, sm_80+; elsewhere it runs the sequential forward), with the
+    backwards that read its checkpoints: the same tolerances."""
+    monkeypatch.setenv("KAGGLETRAIN_WKV_FWD", "chunk")
+    monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", bwd_after)
+    _check(wkv_cuda, B, T, H, dtype, seed=B * 7919 + T * 31 + H, with_state=True, bwd=f"{bwd_after} fwd=chunk")
+
+
+def test_chunk_forward_runs_where_built(wkv_cuda, monkeypatch):
+    """On sm_80+ the chunk forward is a different kernel (y differs from the sequential one's in the last bits,
+    and the extension reports it); on the T4 (sm_75) it resolves to the sequential forward, bitwise."""
+    from rwkv_cuda import load_extension
+
+    ins, _ = _inputs(2, 100, 3, torch.float32, seed=5)
+    outs = {}
+    for fwd in ("seq", "chunk"):
+        monkeypatch.setenv("KAGGLETRAIN_WKV_FWD", fwd)
+        with torch.no_grad():
+            outs[fwd] = wkv_cuda(*ins)[0]
+    tensor_cores = torch.cuda.get_device_capability()[0] >= 8
+    assert load_extension().fwd_variant() == ("chunk" if tensor_cores else "seq")
+    assert torch.equal(outs["seq"], outs["chunk"]) is not tensor_cores
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), DTYPES[2]])

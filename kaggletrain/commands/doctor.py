@@ -81,7 +81,9 @@ def collect(build: bool = True) -> dict:
             from rwkv_cuda import load_extension
             from rwkv_cuda.selfcheck import self_check
 
-            kernel["backward"] = load_extension().bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else new
+            ext = load_extension()
+            kernel["backward"] = ext.bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else new
+            kernel["forward"] = ext.fwd_variant()  # KAGGLETRAIN_WKV_FWD=seq|chunk, else seq
             checks = self_check()
             kernel["self_check"] = {k: {"max_rel_err": err, "passed": passed} for k, (err, passed) in checks.items()}
             kernel["status"] = "ok" if all(p for _, p in checks.values()) else "SELF-CHECK FAILED"
@@ -166,6 +168,8 @@ def doctor(
         line += f": {k['error']}"
     if k.get("log"):
         line += f"\nlog: {k['log']}"
+    if k.get("forward"):
+        line += f"\nforward: {k['forward']} (KAGGLETRAIN_WKV_FWD)"
     if k.get("backward"):
         line += f"\nbackward: {k['backward']} (KAGGLETRAIN_WKV_BWD)"
     for dt, c in k.get("self_check", {}).items():
