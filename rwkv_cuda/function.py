@@ -1,5 +1,6 @@
 """`wkv_cuda`: the compiled WKV-7 kernel with autograd (conventions of ops/wkv.py): a torch.autograd.Function
-in eager mode, a pair of torch custom operators while torch.compile traces."""
+in eager mode, a pair of torch custom operators while torch.compile traces. CPU tensors run the same kernels
+through the emulator when KAGGLETRAIN_WKV_EMULATE=1 (emulated.py: tests of this path without a GPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rwkv_cuda import emulated
 from rwkv_cuda.loader import BuildError, load_extension
 
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,6 +24,11 @@ def _ext():
     return ext
 
 
+def _ext_for(t: torch.Tensor):
+    """The module that runs the kernels for t's device: the CUDA build, or the emulated one for CPU tensors."""
+    return emulated.load_emulated() if t.device.type == "cpu" else _ext()
+
+
 def _ready(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernels use vector loads)."""
     t = t.contiguous()
@@ -33,12 +40,12 @@ def _ready(t: torch.Tensor) -> torch.Tensor:
 def _ext_forward(r, w, k, v, a, b, s0, save):
     """The extension's forward on ready inputs: [y, final state, checkpoints, sa] (the last two empty unless
     `save`)."""
-    return _ext().forward(*(_ready(t) for t in (r, w, k, v, a, b)), None if s0 is None else _ready(s0), save)
+    return _ext_for(r).forward(*(_ready(t) for t in (r, w, k, v, a, b)), None if s0 is None else _ready(s0), save)
 
 
 def _ext_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0):
     """The extension's backward on ready inputs: [dr, dw, dk, dv, da, db, ds0] (ds0 empty unless `need_ds0`)."""
-    return _ext().backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
+    return _ext_for(r).backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
                            ckpt, sa, need_ds0)
 
 
@@ -125,9 +132,9 @@ class WKV7Function(torch.autograd.Function):
 
 
 @torch.compiler.assume_constant_result
-def _io_dtype_name(N: int, dtype_name: str) -> str:
+def _io_dtype_name(N: int, dtype_name: str, device_type: str) -> str:
     """The dtype the kernel runs for r's dtype ("" when none): a constant while torch.compile traces."""
-    ext = _ext()
+    ext = emulated.load_emulated() if device_type == "cpu" else _ext()
     if dtype_name == "bfloat16" and not ext.supported(N, "bfloat16"):
         dtype_name = "float32"  # pre-sm_80 GPU: bf16 kernels are not compiled; run in float32
     return dtype_name if ext.supported(N, dtype_name) else ""
@@ -142,15 +149,15 @@ def wkv_cuda(r, w, k, v, a, b, state=None):
     for name, t in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
         if t.shape != r.shape:
             raise ValueError(f"wkv_cuda: {name} has shape {tuple(t.shape)}, expected {tuple(r.shape)}")
-    if not r.is_cuda:
-        raise ValueError("wkv_cuda needs CUDA tensors")
+    if not (r.is_cuda or (r.device.type == "cpu" and emulated.enabled())):
+        raise ValueError(f"wkv_cuda needs CUDA tensors (or CPU tensors with {emulated.ENV}=1), got {r.device}")
     if r.dtype not in _IO_DTYPES:
         raise ValueError(f"wkv_cuda supports float32/float16/bfloat16 inputs, got {r.dtype}")
     B, T, H, N = r.shape
     if state is not None and tuple(state.shape) != (B, H, N, N):
         raise ValueError(f"wkv_cuda: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
     out_dtype = r.dtype
-    io_name = _io_dtype_name(N, str(out_dtype).replace("torch.", ""))
+    io_name = _io_dtype_name(N, str(out_dtype).replace("torch.", ""), r.device.type)
     if not io_name:
         raise ValueError(f"wkv_cuda: no kernel for head size {N} ({out_dtype})")
     io = getattr(torch, io_name)

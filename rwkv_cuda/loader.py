@@ -10,6 +10,8 @@ after ONE warning naming the log, and the caller uses the PyTorch chunked WKV.
 Environment:
   KAGGLETRAIN_CUDA_CACHE          cache root (default: $XDG_CACHE_HOME or ~/.cache, + kaggletrain/rwkv_cuda)
   KAGGLETRAIN_DISABLE_CUDA_KERNEL  set to 1 to never use the kernel
+  KAGGLETRAIN_WKV_FWD / _BWD      seq|chunk / new|chunk|fused|old: which forward / backward runs (read per call)
+  KAGGLETRAIN_WKV_EMULATE         set to 1 to run the kernels' sources on CPU tensors (emulated.py; tests only)
 """
 
 from __future__ import annotations

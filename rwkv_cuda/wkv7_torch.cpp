@@ -1,11 +1,31 @@
 // Torch binding of the WKV-7 kernels: argument checks, allocation, stream and device; the math is in
 // wkv7.cu. Built by rwkv_cuda/loader.py with torch.utils.cpp_extension.load (a pybind11 module).
+// With WKV7_EMU (wkv7_emu_torch.cpp, built by rwkv_cuda/emulated.py) the same binding runs the kernels
+// through the CPU emulator, on CPU tensors: the CUDA path's Python side can then be tested without a GPU.
 #include <torch/extension.h>
 
+#include <vector>
+
+#ifdef WKV7_EMU
+#include <mutex>
+#define WKV7_ON_DEVICE(t) (t).is_cpu()
+#define WKV7_DEVICE "a CPU tensor (emulated kernel)"
+#define WKV7_GUARD(t) const std::lock_guard<std::mutex> guard(emu_mutex())  // one emulator state per process
+#define WKV7_STREAM nullptr
+namespace {
+std::mutex& emu_mutex() {
+  static std::mutex m;
+  return m;
+}
+}  // namespace
+#else
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-
-#include <vector>
+#define WKV7_ON_DEVICE(t) (t).is_cuda()
+#define WKV7_DEVICE "a CUDA tensor"
+#define WKV7_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#define WKV7_STREAM c10::cuda::getCurrentCUDAStream().stream()
+#endif
 
 #include "wkv7_api.h"
 
@@ -22,7 +42,7 @@ int dtype_code(const at::Tensor& t) {
 }
 
 void check_io(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), "wkv7: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(WKV7_ON_DEVICE(t), "wkv7: ", name, " must be ", WKV7_DEVICE);
   TORCH_CHECK(t.device() == ref.device(), "wkv7: ", name, " is on another device than r");
   TORCH_CHECK(t.sizes() == ref.sizes(), "wkv7: ", name, " has shape ", t.sizes(), ", expected ", ref.sizes());
   TORCH_CHECK(t.is_contiguous(), "wkv7: ", name, " must be contiguous");
@@ -31,7 +51,7 @@ void check_io(const at::Tensor& t, const char* name, const at::Tensor& ref) {
 
 void check_state(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   const auto s = ref.sizes();
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "wkv7: ", name, " must be on r's device");
+  TORCH_CHECK(WKV7_ON_DEVICE(t) && t.device() == ref.device(), "wkv7: ", name, " must be on r's device");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "wkv7: ", name, " must be float32");
   TORCH_CHECK(t.dim() == 4 && t.size(0) == s[0] && t.size(1) == s[2] && t.size(2) == s[3] && t.size(3) == s[3],
               "wkv7: ", name, " must be [B, H, N, N], got ", t.sizes());
@@ -70,7 +90,7 @@ std::vector<at::Tensor> forward(const at::Tensor& r, const at::Tensor& w, const 
                                 bool save) {
   check_inputs(r, w, k, v, a, b);
   if (s0) check_state(*s0, "state", r);
-  const c10::cuda::CUDAGuard guard(r.device());
+  WKV7_GUARD(r);
   const int B = (int)r.size(0), T = (int)r.size(1), H = (int)r.size(2), N = (int)r.size(3);
   const auto f32 = r.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(r);
@@ -87,7 +107,7 @@ std::vector<at::Tensor> forward(const at::Tensor& r, const at::Tensor& w, const 
   p.y = y.data_ptr(); p.sT = sT.data_ptr<float>();
   p.ckpt = save ? ckpt.data_ptr<float>() : nullptr;
   p.sa = save ? sa.data_ptr<float>() : nullptr;
-  check_launch(wkv7::forward(p, c10::cuda::getCurrentCUDAStream().stream()), "forward");
+  check_launch(wkv7::forward(p, WKV7_STREAM), "forward");
   return {y, sT, ckpt, sa};
 }
 
@@ -101,12 +121,12 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
   TORCH_CHECK(dy.scalar_type() == r.scalar_type(), "wkv7: dy must have r's dtype");
   if (dsT) check_state(*dsT, "final-state gradient", r);
   const int B = (int)r.size(0), T = (int)r.size(1), H = (int)r.size(2), N = (int)r.size(3);
-  TORCH_CHECK(ckpt.is_cuda() && ckpt.scalar_type() == at::kFloat && ckpt.is_contiguous() &&
+  TORCH_CHECK(WKV7_ON_DEVICE(ckpt) && ckpt.scalar_type() == at::kFloat && ckpt.is_contiguous() &&
                   ckpt.numel() == (int64_t)B * H * wkv7::num_ckpt(T) * N * N,
               "wkv7: bad checkpoint tensor");
-  TORCH_CHECK(sa.is_cuda() && sa.scalar_type() == at::kFloat && sa.is_contiguous() && sa.numel() == r.numel(),
+  TORCH_CHECK(WKV7_ON_DEVICE(sa) && sa.scalar_type() == at::kFloat && sa.is_contiguous() && sa.numel() == r.numel(),
               "wkv7: bad sa tensor");
-  const c10::cuda::CUDAGuard guard(r.device());
+  WKV7_GUARD(r);
   const auto f32 = r.options().dtype(at::kFloat);
   at::Tensor dr = at::empty_like(r), dw = at::empty_like(w), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor da = at::empty_like(a), db = at::empty_like(b);
@@ -126,7 +146,7 @@ std::vector<at::Tensor> backward(const at::Tensor& r, const at::Tensor& w, const
   p.db = db.data_ptr();
   p.ds0 = need_ds0 ? ds0.data_ptr<float>() : nullptr;
   p.variant = variant;
-  check_launch(wkv7::backward(p, c10::cuda::getCurrentCUDAStream().stream()), "backward");
+  check_launch(wkv7::backward(p, WKV7_STREAM), "backward");
   return {dr, dw, dk, dv, da, db, ds0};
 }
 

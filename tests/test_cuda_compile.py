@@ -384,8 +384,11 @@ def test_extra_flags_get_their_own_cached_build(monkeypatch):
 
 def test_build_key_covers_every_kernel_source():
     """The loader's cache key hashes SOURCES + HEADERS: every file the build compiles or includes must be in it,
-    or an edited header would reuse a stale build (the emulator's own files are not part of a GPU build)."""
+    or an edited header would reuse a stale build (the emulator's own files are not part of a GPU build). The
+    emulated torch module's key (rwkv_cuda/emulated.py) hashes those and the emulator's files."""
+    from rwkv_cuda.emulated import EMU_SOURCES
     from rwkv_cuda.loader import HEADERS, SOURCES
 
     on_disk = {p.name for p in SRC.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")}
-    assert on_disk - {"cuda_emu.h", "emu_main.cpp"} == set(SOURCES) | set(HEADERS)
+    assert on_disk - {"cuda_emu.h", "emu_main.cpp", "wkv7_emu_torch.cpp"} == set(SOURCES) | set(HEADERS)
+    assert set(EMU_SOURCES) == {"cuda_emu.h", "wkv7_emu_torch.cpp"}

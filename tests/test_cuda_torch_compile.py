@@ -1,41 +1,56 @@
-"""torch.compile through the CUDA WKV kernel (GPU only; skipped without CUDA).
+"""torch.compile through the CUDA WKV kernel.
 
 The kernel is a pair of torch custom operators, so a compiled block is one graph with the kernel inside
-(no graph break), and its gradients must match eager mode's.
+(no graph break), and its gradients must match eager mode's. Each test runs twice: on a GPU ("cuda",
+skipped without one) and on the CPU with the kernels' own sources through the emulator ("emulated",
+KAGGLETRAIN_WKV_EMULATE=1: the same operators, autograd and compile path, on every machine with a C++
+compiler).
 """
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
 N = 64
 
+DEVICES = [
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+    pytest.param("cpu", id="emulated", marks=pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")),
+]
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_builds():
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
     from rwkv_cuda import build_info, kernel_available
 
-    if not kernel_available(N):
-        pytest.fail(f"the CUDA kernel did not build on this GPU machine: {build_info()}")
+    if request.param == "cuda":
+        if not kernel_available(N):
+            pytest.fail(f"the CUDA kernel did not build on this GPU machine: {build_info()}")
+    else:
+        from rwkv_cuda.emulated import ENV, load_emulated
 
-
-def test_wkv_dispatch_compiles_as_one_graph_with_eager_gradients():
-    from kaggletrain.ops.wkv import wkv
-
+        monkeypatch.setenv(ENV, "1")
+        load_emulated()  # a build failure fails the test, naming the log
     torch._dynamo.reset()
-    g = torch.Generator(device="cuda").manual_seed(7)
+    return request.param
+
+
+def test_wkv_dispatch_compiles_as_one_graph_with_eager_gradients(device):
+    from kaggletrain.ops.wkv import resolve_impl, wkv
+
+    g = torch.Generator(device=device).manual_seed(7)
     B, T, H = 2, 45, 3
-    r, k, v = (torch.randn(B, T, H, N, device="cuda", generator=g) for _ in range(3))
-    w = torch.rand(B, T, H, N, device="cuda", generator=g) * 12 - 8
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device="cuda", generator=g), dim=-1)
-    a, b = -kk, kk * torch.rand(B, T, H, N, device="cuda", generator=g)
-    s0 = torch.randn(B, H, N, N, device="cuda", generator=g) * 0.5
+    r, k, v = (torch.randn(B, T, H, N, device=device, generator=g) for _ in range(3))
+    w = torch.rand(B, T, H, N, device=device, generator=g) * 12 - 8
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=device, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(B, T, H, N, device=device, generator=g)
+    s0 = torch.randn(B, H, N, N, device=device, generator=g) * 0.5
+    assert resolve_impl("auto", r) == "cuda"
 
     def f(r, w, k, v, a, b, s0):
         y, sT = wkv(torch.tanh(r).bfloat16(), w, k.bfloat16(), v.bfloat16(), a.bfloat16(), b.bfloat16(), s0)
@@ -49,34 +64,64 @@ def test_wkv_dispatch_compiles_as_one_graph_with_eager_gradients():
         torch.testing.assert_close(c.grad, e.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_compiled_blocks_train_like_eager():
-    """train.compile's path (Module.compile per block, inductor) on a small model under bf16 autocast:
-    same loss and parameter gradients as eager, to bf16 rounding."""
+def _grad_errors(model, ref) -> dict:
+    """Relative L2 distance of each parameter gradient from the reference model's."""
+    errs = {}
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None and p.grad.shape == q.grad.shape, name
+        errs[name] = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
+    return errs
+
+
+def test_compiled_blocks_train_like_eager(device):
+    """train.compile's path (Module.compile per block, inductor) on a small model, in float32 and under bf16
+    autocast. float32: the compiled gradients equal eager's to float32 rounding. bf16: both are measured
+    against the float32 gradients, and the compiled ones must be as accurate as eager's (bf16 alone moves some
+    gradients of this tiny model by over 20% for some inputs, so compiled-vs-eager is no measure: the test
+    asserted that until the CPU-emulated run showed it failing on noise)."""
     from kaggletrain import RWKVModel
     from tiny_models import make_model  # tests/tiny_models.py
 
-    torch._dynamo.reset()
     # make_model: the official init plus noise everywhere, so every parameter gets a gradient.
-    eager = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train().cuda()
-    comp = RWKVModel(eager.config).cuda()
-    comp.load_state_dict(eager.state_dict())
-    for m in (eager, comp):
-        m.enable_mixed_precision(torch.bfloat16)
-    for blk in comp.blocks:
-        blk.compile()
-    x = torch.randint(0, 97, (2, 77), device="cuda")
-    losses = []
-    for m in (eager, comp):
+    ref = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train().to(device)
+    x = torch.randint(0, 97, (2, 77), generator=torch.Generator().manual_seed(3)).to(device)
+    models = {}
+    for name in ("eager32", "comp32", "eager16", "comp16"):
+        m = RWKVModel(ref.config).to(device)
+        m.load_state_dict(ref.state_dict())
+        if name.endswith("16"):
+            m.enable_mixed_precision(torch.bfloat16)
+        if name.startswith("comp"):
+            for blk in m.blocks:
+                blk.compile()
+        models[name] = m
+    losses = {}
+    for name, m in models.items():
         loss = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
         loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
-    worst = {}
-    for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
-        if pe.grad is None:
-            assert pc.grad is None, name
-            continue
-        assert pc.grad is not None and pc.grad.shape == pe.grad.shape, name
-        worst[name] = ((pc.grad - pe.grad).norm() / pe.grad.norm().clamp_min(1e-12)).item()
-    bad = {k: f"{v:.1e}" for k, v in worst.items() if not v < 5e-2}
-    assert not bad, f"compiled gradients differ from eager (relative L2): {bad}"
+        losses[name] = loss.item()
+    assert abs(losses["comp32"] - losses["eager32"]) < 1e-5 * abs(losses["eager32"]), losses
+    assert abs(losses["comp16"] - losses["eager32"]) < 1e-2 * abs(losses["eager32"]), losses
+
+    err32 = _grad_errors(models["comp32"], models["eager32"])
+    bad = {k: f"{v:.1e}" for k, v in err32.items() if not v < 1e-4}
+    assert not bad, f"float32: compiled gradients differ from eager (relative L2): {bad}"
+    # bf16: over all gradients together compiled must be about as close to float32 as eager (measured over six
+    # inputs: eager 0.7-1.5%, compiled 0.6-2.4%); per parameter, where bf16 noise varies much more, within 4x
+    # eager's distance or 15%: a wrong gradient is off by ~100%.
+    eager16, comp16 = (_grad_errors(models[n], models["eager32"]) for n in ("eager16", "comp16"))
+    total = {n: _total_error(models[n], models["eager32"]) for n in ("eager16", "comp16")}
+    assert total["comp16"] <= max(3 * total["eager16"], 3e-2), total
+    bad = {k: f"compiled {comp16[k]:.1e} vs eager {eager16[k]:.1e}" for k in comp16
+           if not comp16[k] <= max(4 * eager16[k], 0.15)}
+    assert not bad, f"bf16: compiled gradients less accurate than eager's (relative L2 from float32): {bad}"
+
+
+def _total_error(model, ref) -> float:
+    """Relative L2 distance of all parameter gradients together from the reference model's."""
+    pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None]
+    diff = torch.cat([(p - q).flatten() for p, q in pairs]).norm()
+    return (diff / torch.cat([q.flatten() for _, q in pairs]).norm()).item()

@@ -10,7 +10,8 @@ Returns y in the dtype of r and the final state in float32 (float64 for float64 
 Implementations:
   "sequential": ops/wkv_reference.py, the plain recurrence (reference; slow).
   "chunked":    ops/wkv_chunked.py, chunk-parallel PyTorch with autograd (CPU and GPU fallback).
-  "cuda":       rwkv_cuda/, the compiled kernel (GPU only; falls back to "chunked" if it can't load).
+  "cuda":       rwkv_cuda/, the compiled kernel (GPU only; falls back to "chunked" if it can't load). With
+                KAGGLETRAIN_WKV_EMULATE=1, CPU tensors run its sources through the CPU emulator (slow; tests).
   "auto":       cuda on GPU when the kernel loads, else chunked; sequential for single tokens.
 """
 
@@ -33,9 +34,27 @@ def _chunked(*args, **kwargs):
 
 
 def _cuda_available_for(r: torch.Tensor) -> bool:
-    if not r.is_cuda or r.dtype == torch.float64:
+    if r.dtype == torch.float64:
         return False
-    return _kernel_loads(int(r.shape[-1]))
+    if r.device.type == "cpu":  # the kernels' sources through the CPU emulator: tests of the CUDA path only
+        return _emulating() and int(r.shape[-1]) in _kernel_head_sizes()
+    return r.is_cuda and _kernel_loads(int(r.shape[-1]))
+
+
+def _kernel_head_sizes() -> tuple:
+    from rwkv_cuda.loader import HEAD_SIZES
+
+    return HEAD_SIZES
+
+
+@torch.compiler.assume_constant_result
+def _emulating() -> bool:
+    """KAGGLETRAIN_WKV_EMULATE=1 (rwkv_cuda/emulated.py): CPU tensors take the "cuda" path, emulated."""
+    try:
+        from rwkv_cuda.emulated import enabled
+    except ImportError:
+        return False
+    return enabled()
 
 
 @torch.compiler.assume_constant_result
