@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_wkv_gpu.py [--dtypes bf16,fp16,fp32] [--json out.json]
 
-Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,chunk,fused,old`, selected through
+Rows: rwkv_cuda (the compiled kernel) once per backward implementation (`--bwd new,chunk,fused,scan,old`, selected through
 KAGGLETRAIN_WKV_BWD, which the extension reads at each backward call) with the sequential forward, then with the
 chunked forward (`--fwd chunk`, KAGGLETRAIN_WKV_FWD; sm_80+) and each backward but old, then the new backward once per row split
 (`--split auto,1`, none by default: KAGGLETRAIN_WKV_SPLIT, the blocks per head of the forward and the backward's row kernel; the
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--impls", default="cuda,chunked,sdpa")
-    p.add_argument("--bwd", default="new,chunk,fused,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
+    p.add_argument("--bwd", default="new,chunk,fused,scan,old", help="rwkv_cuda backward implementations to time (KAGGLETRAIN_WKV_BWD)")
     p.add_argument("--fwd", default="chunk",
                    help="other rwkv_cuda forwards to time, with each backward but old (KAGGLETRAIN_WKV_FWD; the "
                         "plain rows use the sequential forward)")

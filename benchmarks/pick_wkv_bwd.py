@@ -1,7 +1,7 @@
 """Which rwkv_cuda kernels gpu_check.sh's end-to-end runs use: the fastest among those no CUDA test failed for,
 timed in bf16 at H=12 when timed there (the 0.1B model's heads), else at the main shape.
 
-    python benchmarks/pick_wkv_bwd.py PYTEST_OUTPUT BENCH_JSON             (prints new, chunk, fused or old)
+    python benchmarks/pick_wkv_bwd.py PYTEST_OUTPUT BENCH_JSON             (prints new, chunk, fused, scan or old)
     python benchmarks/pick_wkv_bwd.py --forward PYTEST_OUTPUT BENCH_JSON   (prints seq or chunk)
 
 Backward: by forward+backward time of the "rwkv_cuda bwd=X" rows (sequential forward). Forward: "chunk" when
@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-VARIANTS = ("new", "chunk", "fused", "old")
+VARIANTS = ("new", "chunk", "fused", "scan", "old")
 
 
 def _failed_lines(pytest_text: str) -> list:

@@ -6,8 +6,9 @@
 
 Importing this package is cheap: nothing is compiled (or even imported from torch) until
 `kernel_available` or `wkv_cuda` is first called. See loader.py for the build cache, lock, log and
-fallback, function.py for the autograd wrapper, wkv7_kernels.cuh, wkv7_chunk.cuh (chunked backward) and
-wkv7_fwd_chunk.cuh (chunked forward) for the algorithms.
+fallback, function.py for the autograd wrapper, emulated.py for the CPU-emulated build (tests), and for the
+algorithms wkv7_kernels.cuh, wkv7_chunk.cuh (chunk-parallel backward sums) and wkv7_scan.cuh (the forward and
+the backward recursion in chunks on tensor cores).
 """
 
 from rwkv_cuda.loader import HEAD_SIZES, build_info, kernel_available, load_extension

@@ -6,7 +6,7 @@
 // OUT: y, sT f32, dr, dw, dk, dv, da, db, ds0 f32  (dw as float32 if w_f32)
 // Every output buffer is filled with 0xFF bytes (NaN in all three dtypes) first, so an element the
 // kernels fail to write shows up. KAGGLETRAIN_WKV_FWD=seq|chunk picks the forward, KAGGLETRAIN_WKV_BWD=
-// old|new|chunk|fused the backward, KAGGLETRAIN_WKV_SPLIT=1|2|4|auto the row split (default 1; auto assumes
+// old|new|chunk|fused|scan the backward, KAGGLETRAIN_WKV_SPLIT=1|2|4|auto the row split (default 1; auto assumes
 // 132 SMs: 4 blocks per head for the tests' few heads).
 #include "wkv7.cu"
 
@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
   std::vector<char> y = poison(n * el), dr = poison(n * el), dw = poison(n * wel), dk = poison(n * el),
                     dv = poison(n * el), da = poison(n * el), db = poison(n * el);
   std::vector<float> sT(ns), ds0(ns), ckpt((size_t)B * H * wkv7::num_ckpt(T) * N * N), sa(n);
-  const int variant = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);  // KAGGLETRAIN_WKV_BWD=old|new|chunk|fused
+  const int variant = wkv7::resolve_bwd_variant(wkv7::kBwdAuto);  // KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan
   const int split = wkv7::resolve_split(0, (long long)B * H);      // KAGGLETRAIN_WKV_SPLIT=1|2|4|auto
   std::vector<float> scratch((size_t)wkv7::bwd_scratch_floats(B, T, H, N, variant));
   for (auto* vec : {&sT, &ds0, &ckpt, &sa, &scratch})

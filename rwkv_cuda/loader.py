@@ -10,7 +10,7 @@ after ONE warning naming the log, and the caller uses the PyTorch chunked WKV.
 Environment:
   KAGGLETRAIN_CUDA_CACHE          cache root (default: $XDG_CACHE_HOME or ~/.cache, + kaggletrain/rwkv_cuda)
   KAGGLETRAIN_DISABLE_CUDA_KERNEL  set to 1 to never use the kernel
-  KAGGLETRAIN_WKV_FWD / _BWD      seq|chunk / new|chunk|fused|old: which forward / backward runs (read per call)
+  KAGGLETRAIN_WKV_FWD / _BWD      seq|chunk / new|chunk|fused|scan|old: which forward / backward runs (read per call)
   KAGGLETRAIN_WKV_EMULATE         set to 1 to run the kernels' sources on CPU tensors (emulated.py; tests only)
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCES = ("wkv7.cu", "wkv7_torch.cpp")
-HEADERS = ("wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh", "wkv7_fwd_chunk.cuh")
+HEADERS = ("wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh", "wkv7_scan.cuh")
 HEAD_SIZES = (64,)
 CUDA_FLAGS = ("-O3", "-Xptxas=-v", "-lineinfo")
 CXX_FLAGS = ("-O3",)

@@ -25,7 +25,7 @@
 #include "wkv7_api.h"
 #include "wkv7_kernels.cuh"
 #include "wkv7_chunk.cuh"
-#include "wkv7_fwd_chunk.cuh"
+#include "wkv7_scan.cuh"
 
 namespace wkv7 {
 
@@ -65,27 +65,39 @@ int forward_rs(const FwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
-// The chunked tensor-core forward needs TF32 (sm_80+): built where bf16 is (the loader sets WKV7_WITH_BF16 for
-// sm_80 and newer) unless WKV7_CHUNK_TC=0 asks for CUDA cores only.
+// The chunked tensor-core scans (wkv7_scan.cuh: the forward and the backward's dS recursion) need TF32 (sm_80+):
+// built where bf16 is (the loader sets WKV7_WITH_BF16 for sm_80 and newer) unless WKV7_CHUNK_TC=0 asks for CUDA
+// cores only.
 #if WKV7_WITH_BF16 && WKV7_CHUNK_TC
-constexpr bool kHaveFwdChunk = true;
+constexpr bool kHaveScan = true;
 #else
-constexpr bool kHaveFwdChunk = false;
+constexpr bool kHaveScan = false;
 #endif
 
 template <typename T>
+detail::ScanIO<T> scan_io(int T_len, int H, const void* r, const void* w, bool w_f32, const void* k, const void* a,
+                          const void* b, const void* vin, const float* s_in, void* out, float* s_out, float* ck,
+                          float* sub) {
+  detail::ScanIO<T> io;
+  io.T_len = T_len; io.H = H;
+  io.r = static_cast<const T*>(r); io.k = static_cast<const T*>(k); io.a = static_cast<const T*>(a);
+  io.b = static_cast<const T*>(b); io.vin = static_cast<const T*>(vin);
+  io.w = w; io.w_f32 = w_f32;
+  io.s_in = s_in; io.out = static_cast<T*>(out); io.s_out = s_out; io.ck = ck; io.sub = sub;
+  return io;
+}
+
+template <typename T>
 int forward_chunk_t(const FwdArgs& p, cudaStream_t stream) {
+  const detail::ScanIO<T> io = scan_io<T>(p.T, p.H, p.r, p.w, p.w_f32, p.k, p.a, p.b, p.v, p.s0, p.y, p.sT, p.ckpt, p.sa);
   auto kernel = detail::fwd_chunk_kernel<T, kHead>;
-  WKV7_LAUNCH(kernel, dim3((unsigned)((long long)p.B * p.H)), dim3(detail::kFwdChunkThreads), 0, stream, p.T, p.H,
-              static_cast<const T*>(p.r), p.w, p.w_f32, static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-              static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.s0, static_cast<T*>(p.y), p.sT, p.ckpt,
-              p.sa);
+  WKV7_LAUNCH(kernel, dim3((unsigned)((long long)p.B * p.H)), dim3(detail::kScanThreads), 0, stream, io);
   return (int)cudaGetLastError();
 }
 
 template <typename T>
 int forward_t(const FwdArgs& p, cudaStream_t stream) {
-  if constexpr (kHaveFwdChunk) {  // not instantiated at all where it cannot run (the sm_75 build)
+  if constexpr (kHaveScan) {  // not instantiated at all where it cannot run (the sm_75 build)
     if (resolve_fwd_variant(p.variant) == kFwdChunk) return forward_chunk_t<T>(p, stream);
   }
   switch (resolve_split(p.split, (long long)p.B * p.H)) {
@@ -185,6 +197,25 @@ int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+// kBwdChunk with the dS recursion in chunks too (bwd_scan_kernel: dense products on tensor cores, per head), then
+// the same chunk blocks. Scratch as kBwdChunk.
+template <typename T>
+int backward_scan_t(const BwdArgs& p, cudaStream_t stream) {
+  const long long BH = (long long)p.B * p.H;
+  const int nC = (p.T + kCkptLen - 1) / kCkptLen;
+  const Scratch sc(p, nC);
+  const detail::ScanIO<T> sio = scan_io<T>(p.T, p.H, p.r, p.w, p.w_f32, p.k, p.a, p.b, p.dy, p.dsT, p.dv, p.ds0,
+                                           sc.dsck, sc.dsa);
+  auto scan = detail::bwd_scan_kernel<T, kHead>;
+  WKV7_LAUNCH(scan, dim3((unsigned)BH), dim3(detail::kScanThreads), 0, stream, sio);
+  if (int err = (int)cudaGetLastError()) return err;
+  if (nC == 0) return 0;
+  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
+  auto chunk = detail::bwd_chunk_kernel<T, kHead>;
+  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
+  return (int)cudaGetLastError();
+}
+
 // kBwdChunk's two kernels as one launch (bwd_fused_kernel): B*H row-recursion blocks, then B*H*nC chunk blocks
 // that each wait for their chunk's flag. Scratch: as kBwdChunk, then 2 + B*H*nC ints (zeroed here).
 template <typename T>
@@ -206,6 +237,9 @@ int backward_t(const BwdArgs& p, cudaStream_t stream) {
   if (p.variant == kBwdOld) return backward_old_t<T>(p, stream);
   if (p.variant == kBwdChunk) return backward_chunk_t<T>(p, stream);
   if (p.variant == kBwdFused) return backward_fused_t<T>(p, stream);
+  if constexpr (kHaveScan) {
+    if (p.variant == kBwdScan) return backward_scan_t<T>(p, stream);
+  }
   return backward_new_t<T>(p, stream);
 }
 
@@ -217,7 +251,7 @@ long long bwd_scratch_floats(int B, int T, int H, int N, int variant) {
   variant = resolve_bwd_variant(variant);
   if (variant == kBwdOld) return (long long)B * H * (kCkptLen / kSub - 1) * N * N;
   const long long nC = (T + kCkptLen - 1) / kCkptLen;
-  const bool every_chunk = variant == kBwdChunk || variant == kBwdFused;
+  const bool every_chunk = variant == kBwdChunk || variant == kBwdFused || variant == kBwdScan;
   const long long nSeg = every_chunk ? nC : (nC + kSegChunks - 1) / kSegChunks;
   const long long sync_ints = variant == kBwdFused ? 2 + (long long)B * H * nC : 0;  // int and float: 4 bytes
   return (long long)B * T * H * N + (long long)B * H * nSeg * N * N + sync_ints;
@@ -230,17 +264,20 @@ int resolve_fwd_variant(int variant) {
               : env && std::strcmp(env, "seq") == 0 ? kFwdSeq
                                                     : kFwdDefault;
   }
-  return variant == kFwdChunk && !kHaveFwdChunk ? kFwdSeq : variant;
+  return variant == kFwdChunk && !kHaveScan ? kFwdSeq : variant;
 }
 
 int resolve_bwd_variant(int variant) {
-  if (variant == kBwdOld || variant == kBwdNew || variant == kBwdChunk || variant == kBwdFused) return variant;
-  const char* env = std::getenv("KAGGLETRAIN_WKV_BWD");
-  if (env && std::strcmp(env, "old") == 0) return kBwdOld;
-  if (env && std::strcmp(env, "new") == 0) return kBwdNew;
-  if (env && std::strcmp(env, "chunk") == 0) return kBwdChunk;
-  if (env && std::strcmp(env, "fused") == 0) return kBwdFused;
-  return kBwdDefault;
+  if (variant != kBwdOld && variant != kBwdNew && variant != kBwdChunk && variant != kBwdFused && variant != kBwdScan) {
+    const char* env = std::getenv("KAGGLETRAIN_WKV_BWD");
+    variant = kBwdDefault;
+    if (env && std::strcmp(env, "old") == 0) variant = kBwdOld;
+    if (env && std::strcmp(env, "new") == 0) variant = kBwdNew;
+    if (env && std::strcmp(env, "chunk") == 0) variant = kBwdChunk;
+    if (env && std::strcmp(env, "fused") == 0) variant = kBwdFused;
+    if (env && std::strcmp(env, "scan") == 0) variant = kBwdScan;
+  }
+  return variant == kBwdScan && !kHaveScan ? kBwdChunk : variant;  // the same scratch either way
 }
 
 // SMs of the current device, queried once per device (the emulator has no device: it assumes an H100/H200).

@@ -33,8 +33,9 @@ constexpr int kFwdDefault = kFwdSeq;  // until a GPU has timed kFwdChunk
 // chunks in a second one. kBwdChunk: the same row recursion, then the column sums of each chunk as dense
 // products (chunked algebra, parallel over chunks). kBwdFused: kBwdChunk's two kernels as one launch, the
 // chunks running while the row recursion goes on. kBwdAuto: the environment variable
-// KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else kBwdDefault.
-enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2, kBwdChunk = 3, kBwdFused = 4 };
+// KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan, else kBwdDefault. kBwdScan: kBwdChunk with the dS recursion in
+// chunks on tensor cores as well (bwd_scan_kernel; sm_80+, elsewhere it resolves to kBwdChunk).
+enum BwdVariant : int { kBwdAuto = 0, kBwdOld = 1, kBwdNew = 2, kBwdChunk = 3, kBwdFused = 4, kBwdScan = 5 };
 constexpr int kBwdDefault = kBwdNew;  // H200: passed every float64-reference case; 7.71 vs 9.91 ms fwd+bwd (bf16)
 constexpr int kBwdSegChunks = 4;
 
@@ -81,8 +82,8 @@ struct BwdArgs {
 int resolve_fwd_variant(int variant);
 // Floats of backward scratch (in all) for this shape and variant.
 long long bwd_scratch_floats(int B, int T, int H, int N, int variant);
-// kBwdOld, kBwdNew, kBwdChunk or kBwdFused: `variant` itself unless kBwdAuto, then KAGGLETRAIN_WKV_BWD
-// (old|new|chunk|fused), else kBwdDefault.
+// kBwdOld, kBwdNew, kBwdChunk, kBwdFused or kBwdScan: `variant` itself unless kBwdAuto, then
+// KAGGLETRAIN_WKV_BWD (old|new|chunk|fused|scan), else kBwdDefault; kBwdScan only where this build has it.
 int resolve_bwd_variant(int variant);
 // 1, 2 or 4: `split` itself if it is one of those, else KAGGLETRAIN_WKV_SPLIT (1|2|4, or auto: the choice for
 // B*H heads on the current device, whose SM count is queried once; the CPU emulator assumes 132), else

@@ -60,8 +60,9 @@
 // wkv7_chunk.cuh's bwd_chunk_kernel in place of bwd_cols_kernel (the column sums as dense products per chunk);
 // "fused": both in one launch (wkv7_chunk.cuh's bwd_fused_kernel, which runs rows_body for the recursion).
 //
-// Forward "chunk" (KAGGLETRAIN_WKV_FWD=chunk, sm_80+): wkv7_fwd_chunk.cuh's fwd_chunk_kernel in place of
-// fwd_kernel, the same outputs (checkpoints, sa) from dense products per 16-token chunk.
+// Forward "chunk" (KAGGLETRAIN_WKV_FWD=chunk, sm_80+): wkv7_scan.cuh's fwd_chunk_kernel in place of fwd_kernel,
+// the same outputs (checkpoints, sa) from dense products per 16-token chunk. Backward "scan" (sm_80+): "chunk"
+// with wkv7_scan.cuh's bwd_scan_kernel, the same chunked algebra run backwards, in place of bwd_rows_kernel.
 #pragma once
 
 #ifndef WKV7_COLS_MINB

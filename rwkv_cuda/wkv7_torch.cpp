@@ -168,9 +168,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return std::string(v == wkv7::kBwdOld     ? "old"
                              : v == wkv7::kBwdChunk ? "chunk"
                              : v == wkv7::kBwdFused ? "fused"
+                             : v == wkv7::kBwdScan  ? "scan"
                                                     : "new");
         },
-        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else the default");
+        "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan, else the default");
   m.def("fwd_variant", []() { return std::string(wkv7::resolve_fwd_variant(wkv7::kFwdAuto) == wkv7::kFwdChunk ? "chunk" : "seq"); },
         "the forward that runs now: KAGGLETRAIN_WKV_FWD=seq|chunk (chunk only where built: sm_80+), else the default");
   m.def("split", [](int64_t BH) { return wkv7::resolve_split(0, (long long)BH); },

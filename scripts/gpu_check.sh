@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
-# benchmarks (WKV forwards seq/chunk, backwards new/chunk/fused/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
+# benchmarks (WKV forwards seq/chunk, backwards new/chunk/fused/scan/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
 # per-block torch.compile; two more dry runs; a tuning sweep of the kernel's compile-time knobs if time is
 # left), print a short summary LAST.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:

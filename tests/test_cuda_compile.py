@@ -54,19 +54,19 @@ def test_nvcc_compiles(nvcc_builds, arch):
     # ptxas reports per dtype the forward and the new backward's row kernel once per row split (1, 2, 4), the
     # chunk backward's row kernel (a dS checkpoint every chunk, no split), the old one-kernel backward, the new
     # one's column kernel, the chunk kernel and the fused one: 11 kernels per dtype, 2 dtypes on sm_75; on sm_90
-    # also the chunked tensor-core forward: 12 per dtype, 3 dtypes.
+    # also the chunked tensor-core scans (the forward and the backward's dS recursion): 13 per dtype, 3 dtypes.
     n_kernels = log.count("Compiling entry function")
-    assert n_kernels == (22 if arch == "sm_75" else 36), log
+    assert n_kernels == (22 if arch == "sm_75" else 39), log
     per_kind = {}
     for name in _ptxas_kernels(log):
-        kind = next(k for k in ("fwd_chunk_kernel", "fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_chunk_kernel",
+        kind = next(k for k in ("fwd_chunk_kernel", "bwd_scan_kernel", "fwd_kernel", "bwd_rows_kernel", "bwd_cols_kernel", "bwd_chunk_kernel",
                                 "bwd_fused_kernel", "bwd_kernel") if k in name)
         per_kind[kind] = per_kind.get(kind, 0) + 1
     n_dtypes = 2 if arch == "sm_75" else 3
     want = {"fwd_kernel": 3 * n_dtypes, "bwd_rows_kernel": 4 * n_dtypes, "bwd_cols_kernel": n_dtypes,
             "bwd_chunk_kernel": n_dtypes, "bwd_fused_kernel": n_dtypes, "bwd_kernel": n_dtypes}
     if arch != "sm_75":
-        want["fwd_chunk_kernel"] = n_dtypes
+        want["fwd_chunk_kernel"] = want["bwd_scan_kernel"] = n_dtypes
     assert per_kind == want, per_kind
 
 
@@ -131,16 +131,18 @@ def test_chunk_kernel_fits_four_blocks_per_sm(nvcc_builds):
             assert k["smem"] == want_smem[arch] + 4, f"{arch} {name}: {k}"
 
 
-def test_chunk_forward_fits(nvcc_builds):
-    """fwd_chunk_kernel (KAGGLETRAIN_WKV_FWD=chunk) exists on sm_90 only (TF32 needs sm_80+), keeps everything
-    in registers, and its static shared memory (six token slots, the state, four pair products, e^{g_L}) stays
-    under 48 KB; at <= 255 registers two blocks of 128 threads fit an SM."""
+def test_scan_kernels_fit(nvcc_builds):
+    """fwd_chunk_kernel (KAGGLETRAIN_WKV_FWD=chunk) and bwd_scan_kernel (KAGGLETRAIN_WKV_BWD=scan) exist on sm_90
+    only (TF32 needs sm_80+), keep everything in registers, and their static shared memory (six token slots, the
+    state, four pair products, e^{g_L}) stays under 48 KB; at <= 255 registers two blocks of 128 threads fit an
+    SM (their launch bounds ask for two, which is what lets ptxas use more than 128 registers without spilling)."""
     N, L, NP = 64, 16, 68
     want_smem = 4 * (6 * L * NP + N * NP + 4 * L * L + N)
-    assert "fwd_chunk_kernel" not in nvcc_builds["sm_75"][1]
-    fwd = {n: k for n, k in _ptxas_kernels(nvcc_builds["sm_90"][1]).items() if "fwd_chunk_kernel" in n}
-    assert len(fwd) == 3, sorted(fwd)
-    for name, k in fwd.items():
+    assert "fwd_chunk_kernel" not in nvcc_builds["sm_75"][1] and "bwd_scan_kernel" not in nvcc_builds["sm_75"][1]
+    scans = {n: k for n, k in _ptxas_kernels(nvcc_builds["sm_90"][1]).items()
+             if "fwd_chunk_kernel" in n or "bwd_scan_kernel" in n}
+    assert len(scans) == 6, sorted(scans)
+    for name, k in scans.items():
         assert k["spill_stores"] == 0 and k["registers"] <= 255, f"{name}: {k}"
         assert k["smem"] == want_smem <= 48 * 1024, f"{name}: {k}"
 
@@ -226,9 +228,10 @@ CASES = [  # B, T, H, dtype, w_f32, with initial state, with final-state grad
 # (KAGGLETRAIN_WKV_SPLIT: 1, 2 or 4 blocks per head). The old and chunk backwards only see the split through
 # the forward's checkpoints and sa: split 1 and 4 are enough there.
 # "chunk-simt" is the chunk backward's CUDA-core body (the sm_75 build), from the second emulator build.
-# "fused" is chunk's two kernels as one launch (the same arithmetic).
+# "fused" is chunk's two kernels as one launch (the same arithmetic); "scan" is chunk with the row recursion in
+# chunks on tensor cores too (wkv7_scan.cuh).
 VARIANTS = [("old", 1), ("old", 4), ("new", 1), ("new", 2), ("new", 4), ("chunk", 1), ("chunk", 4),
-            ("chunk-simt", 1), ("fused", 1)]
+            ("chunk-simt", 1), ("fused", 1), ("scan", 1)]
 
 
 def _case_inputs(B, T, H, N, dtype, w_f32, has_s0, has_dsT):
@@ -266,7 +269,7 @@ def test_emulated_kernels_match_reference(emu_exes, tmp_path, B, T, H, dtype, w_
 
 # The chunked tensor-core forward (KAGGLETRAIN_WKV_FWD=chunk), with the backwards that read its checkpoints
 # and sa: the default one and the chunk one (the one-kernel backward steps back through its states by division).
-FWD_VARIANTS = [("chunk", "new"), ("chunk", "chunk"), ("chunk", "old")]
+FWD_VARIANTS = [("chunk", "new"), ("chunk", "chunk"), ("chunk", "old"), ("chunk", "scan")]
 
 
 @pytest.mark.parametrize("fwd,bwd", FWD_VARIANTS, ids=[f"fwd-{f}-bwd-{b}" for f, b in FWD_VARIANTS])
@@ -275,14 +278,16 @@ def test_emulated_chunk_forward_matches_reference(emu_exe, tmp_path, B, T, H, dt
     _check_against_reference(emu_exe, tmp_path, (B, T, H, dtype, w_f32, has_s0, has_dsT), bwd, 1, fwd)
 
 
-def test_emulated_chunk_forward_runs_and_falls_back_without_tensor_cores(emu_exes, tmp_path):
-    """KAGGLETRAIN_WKV_FWD=chunk really selects another kernel where it is built (its outputs differ from the
-    sequential forward's in the last bits), and resolves to the sequential forward in a build without tensor
-    cores (WKV7_CHUNK_TC=0, as on the T4): bitwise the sequential outputs there."""
+def test_emulated_scans_run_and_fall_back_without_tensor_cores(emu_exes, tmp_path):
+    """KAGGLETRAIN_WKV_FWD=chunk and KAGGLETRAIN_WKV_BWD=scan really select other kernels where they are built
+    (their outputs differ from the sequential ones' in the last bits), and resolve to the sequential forward and
+    the chunk backward in a build without tensor cores (WKV7_CHUNK_TC=0, as on the T4): bitwise those there."""
     blob = _case_inputs(*CASES[0][:3], 64, *CASES[0][3:])[-1]
     tc, simt = emu_exes["emu_wkv7"], emu_exes["emu_wkv7_simt"]
     assert _run_emu(tc, tmp_path, blob, "new", 1, "chunk") != _run_emu(tc, tmp_path, blob, "new", 1, "seq")
     assert _run_emu(simt, tmp_path, blob, "new", 1, "chunk") == _run_emu(simt, tmp_path, blob, "new", 1, "seq")
+    assert _run_emu(tc, tmp_path, blob, "scan", 1) != _run_emu(tc, tmp_path, blob, "chunk", 1)
+    assert _run_emu(simt, tmp_path, blob, "scan", 1) == _run_emu(simt, tmp_path, blob, "chunk", 1)
 
 
 def _check_against_reference(exe, tmp_path, case, variant, split, fwd="seq"):
@@ -327,18 +332,20 @@ def test_emulated_fused_backward_equals_chunk_bitwise(emu_exe, tmp_path):
         assert _run_emu(emu_exe, tmp_path, blob, "fused", 1) == _run_emu(emu_exe, tmp_path, blob, "chunk", 1), case
 
 
-@pytest.mark.parametrize("variant", ["chunk", "chunk-simt", "fwd-chunk"])
+@pytest.mark.parametrize("variant", ["chunk", "chunk-simt", "fwd-chunk", "fwd-chunk-scan"])
 def test_emulated_chunk_backward_long_sequence(emu_exes, tmp_path, variant):
-    """1,024 tokens (64 chunks) in float32 through both bodies of the chunk backward, and the chunk forward
-    with it: the per-chunk decay-gradient recursion, the exponential factors and a state carried through 64
-    chunk updates keep the float32 accuracy of the short cases (measured 2.8e-7 to 6.1e-7 here; at 4,096
+    """1,024 tokens (64 chunks) in float32 through both bodies of the chunk backward, the chunk forward with it,
+    and both scans: the per-chunk decay-gradient recursion, the exponential factors and states carried through
+    64 chunk updates keep the float32 accuracy of the short cases (measured 2.3e-7 to 6.1e-7 here; at 4,096
     tokens the same)."""
     ins, s0, dy, dsT, blob = _case_inputs(1, 1024, 1, 64, torch.float32, False, True, True)
     exe = emu_exes["emu_wkv7_simt" if variant == "chunk-simt" else "emu_wkv7"]
-    out = _run_emu(exe, tmp_path, blob, "chunk", 1, "chunk" if variant == "fwd-chunk" else "seq")
+    out = _run_emu(exe, tmp_path, blob, "scan" if variant.endswith("scan") else "chunk", 1,
+                   "chunk" if variant.startswith("fwd-chunk") else "seq")
     shape = (1, 1024, 1, 64)
     X = [t.double().requires_grad_() for t in ins]
-    y_ref, sT_ref = wkv_sequential(*X, s0.double())
+    S0 = s0.double().requires_grad_()
+    y_ref, sT_ref = wkv_sequential(*X, S0)
     ((y_ref * dy.double()).sum() + (sT_ref * dsT.double()).sum()).backward()
     y, off = _take(out, 0, shape, torch.float32)
     sT, off = _take(out, off, (1, 1, 64, 64), torch.float32)
@@ -349,6 +356,9 @@ def test_emulated_chunk_backward_long_sequence(emu_exes, tmp_path, variant):
         got, off = _take(out, off, shape, torch.float32)
         err = ((got.double() - x.grad).norm() / x.grad.norm()).item()
         assert err <= 1e-5, f"d{name}: relative L2 error {err:.2e}"
+    ds0, off = _take(out, off, (1, 1, 64, 64), torch.float32)
+    err = ((ds0.double() - S0.grad).norm() / S0.grad.norm()).item()
+    assert err <= 1e-5, f"ds0: relative L2 error {err:.2e}"
 
 
 @pytest.mark.parametrize("B,T,H,dtype,w_f32,has_s0,has_dsT", [CASES[0], CASES[5], CASES[6]])
@@ -363,7 +373,7 @@ def test_emulated_splits_bitwise_equal(emu_exe, tmp_path, B, T, H, dtype, w_f32,
 def test_emulator_keeps_sources_in_package():
     """The loader builds from these files; they must ship with the package (pyproject package-data)."""
     for name in ("wkv7.cu", "wkv7_torch.cpp", "wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh",
-                 "wkv7_fwd_chunk.cuh", "cuda_emu.h", "emu_main.cpp"):
+                 "wkv7_scan.cuh", "cuda_emu.h", "emu_main.cpp"):
         assert (SRC / name).is_file(), name
     assert os.path.basename(rwkv_cuda.loader.SRC_DIR) == "rwkv_cuda"
 

@@ -8,10 +8,10 @@ gradient: 1e-5 for float32 inputs, 3e-3 for float16/bfloat16 (the reference sees
 
 The forward has two: the sequential one (default) and KAGGLETRAIN_WKV_FWD=chunk, chunks of 16 tokens as
 tensor-core products (sm_80+), checked against the reference with three backwards.
-The backward has four implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk|fused (default:
+The backward has five implementations, selected per call by KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan (default:
 new, the two-kernel one, since an H200 run verified and timed it; chunk: the same row kernel, then chunk-parallel
-dense products for the column sums; fused: chunk's two kernels as one launch): the reference comparisons run with
-all four; the other tests with the default. The forward and the new backward's
+dense products for the column sums; fused: chunk's two kernels as one launch; scan: chunk with the row recursion
+in chunks on tensor cores too): the reference comparisons run with all five; the other tests with the default. The forward and the new backward's
 row kernel split each head's rows over KAGGLETRAIN_WKV_SPLIT=1|2|4|auto blocks (default 1): a few reference
 cases run with each split, and one test checks that all splits give bitwise the same outputs and gradients.
 
@@ -102,7 +102,7 @@ def _report(case: str, errors: dict) -> None:
             fh.write(json.dumps({"case": case, **errors}) + "\n")
 
 
-@pytest.fixture(params=["new", "old", "chunk", "fused"])
+@pytest.fixture(params=["new", "old", "chunk", "fused", "scan"])
 def bwd(request, monkeypatch):
     """The backward implementation under test (read by the extension at each backward call)."""
     monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", request.param)
@@ -149,7 +149,7 @@ def test_matches_float64_reference(wkv_cuda, bwd, B, T, H, with_state, dtype):
     _check(wkv_cuda, B, T, H, dtype, seed=7919 * T + 31 * B + H + int(with_state), with_state=with_state, bwd=bwd)
 
 
-@pytest.mark.parametrize("bwd_after", ["new", "chunk", "fused"])
+@pytest.mark.parametrize("bwd_after", ["new", "chunk", "scan"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,H", SHAPES)
 def test_chunk_forward_matches_float64_reference(wkv_cuda, monkeypatch, B, T, H, dtype, bwd_after):
@@ -301,16 +301,17 @@ def test_dispatch_uses_cuda_kernel(wkv_cuda):
 
 
 def test_bwd_variant_selection(wkv_cuda, monkeypatch):
-    """KAGGLETRAIN_WKV_BWD picks the backward per call; all four agree closely (old and new: the same math
+    """KAGGLETRAIN_WKV_BWD picks the backward per call; all five agree closely (old and new: the same math
     with different sub-chunk lengths for the recomputed states; chunk: the chunked algebra; fused: chunk's
-    arithmetic in one launch)."""
+    arithmetic in one launch; scan: the dS recursion in chunks too, sm_80+, else it runs chunk)."""
     from rwkv_cuda.loader import load_extension
 
     ext = load_extension()
+    tensor_cores = torch.cuda.get_device_capability()[0] >= 8
     grads = {}
-    for variant in ("old", "new", "chunk", "fused"):
+    for variant in ("old", "new", "chunk", "fused", "scan"):
         monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", variant)
-        assert ext.bwd_variant() == variant
+        assert ext.bwd_variant() == (variant if variant != "scan" or tensor_cores else "chunk")
         ins, g = _inputs(2, 200, 3, torch.float32, seed=17)
         s0 = torch.randn(2, 3, N, N, generator=g, device="cuda") * 0.5
         X = [t.clone().requires_grad_() for t in ins + [s0]]
@@ -319,8 +320,8 @@ def test_bwd_variant_selection(wkv_cuda, monkeypatch):
         grads[variant] = [x.grad for x in X]
     monkeypatch.delenv("KAGGLETRAIN_WKV_BWD")
     assert ext.bwd_variant() == "new"  # the default since the H200 run of 2026-11-28
-    for a, b, c, f in zip(grads["old"], grads["new"], grads["chunk"], grads["fused"]):
-        assert _rel(b, a.double()) < 1e-5 and _rel(c, a.double()) < 1e-5
+    for a, b, c, f, s in zip(grads["old"], grads["new"], grads["chunk"], grads["fused"], grads["scan"]):
+        assert _rel(b, a.double()) < 1e-5 and _rel(c, a.double()) < 1e-5 and _rel(s, a.double()) < 1e-5
         # The same source arithmetic in one launch (bitwise equal in the emulator); nvcc compiles the two kernels
         # separately, so allow its FMA-contraction choices to differ.
         assert _rel(f, c.double()) < 1e-6

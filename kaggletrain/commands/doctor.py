@@ -82,7 +82,7 @@ def collect(build: bool = True) -> dict:
             from rwkv_cuda.selfcheck import self_check
 
             ext = load_extension()
-            kernel["backward"] = ext.bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk|fused, else new
+            kernel["backward"] = ext.bwd_variant()  # KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan, else new
             kernel["forward"] = ext.fwd_variant()  # KAGGLETRAIN_WKV_FWD=seq|chunk, else seq
             checks = self_check()
             kernel["self_check"] = {k: {"max_rel_err": err, "passed": passed} for k, (err, passed) in checks.items()}
