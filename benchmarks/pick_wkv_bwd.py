@@ -7,8 +7,9 @@ timed in bf16 at H=12 when timed there (the 0.1B model's heads), else at the mai
 Backward: by forward+backward time of the "rwkv_cuda bwd=X" rows (sequential forward). Forward: "chunk" when
 its rows ("rwkv_cuda fwd=chunk bwd=X") time a faster forward than the sequential rows. A backward "failed"
 when a FAILED/ERROR line of the pytest output names it as its test parameter, except in the chunk forward's
-own tests (test_chunk_forward_*), whose failures count against the chunk forward. Missing files count as
-nothing timed / nothing failed; with nothing timed the answers are the defaults, "new" and "seq".
+own tests (test_chunk_forward_*), whose failures count against the chunk forward. Without pytest's closing
+summary line (a run cut off by its time cap, or a missing file) nothing counts as tested and the answers are
+the defaults, "new" and "seq"; likewise with nothing timed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import sys
 from pathlib import Path
 
 VARIANTS = ("new", "chunk", "fused", "scan", "old")
+
+
+def tests_finished(pytest_text: str) -> bool:
+    """Whether pytest got to its closing summary ("12 passed, 3 skipped in 9.08s")."""
+    return re.search(r"\b\d+ (passed|failed|error|errors)\b[^\n]* in [\d.]+s", pytest_text) is not None
 
 
 def _failed_lines(pytest_text: str) -> list:
@@ -44,6 +50,8 @@ def _timed(bench: dict, pattern: str, column: str) -> dict:
 
 
 def pick(pytest_text: str, bench: dict) -> str:
+    if not tests_finished(pytest_text):
+        return "new"
     bad = failed_variants(pytest_text)
     rows = {v: ms for v, ms in _timed(bench, r"rwkv_cuda bwd=(\w+)", "fwd_bwd_ms").items() if v not in bad}
     if rows:
@@ -52,7 +60,7 @@ def pick(pytest_text: str, bench: dict) -> str:
 
 
 def pick_forward(pytest_text: str, bench: dict) -> str:
-    if any("chunk_forward" in line for line in _failed_lines(pytest_text)):
+    if not tests_finished(pytest_text) or any("chunk_forward" in line for line in _failed_lines(pytest_text)):
         return "seq"
     seq = _timed(bench, r"rwkv_cuda bwd=(\w+)", "fwd_ms")
     chunk = _timed(bench, r"rwkv_cuda fwd=chunk bwd=(\w+)", "fwd_ms")

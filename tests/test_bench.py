@@ -128,7 +128,7 @@ def test_peak_tflops_table():
 
 def test_gpu_check_picks_the_fastest_backward_that_failed_no_test(tmp_path):
     """benchmarks/pick_wkv_bwd.py, run as gpu_check.sh runs it: the fastest bf16 backward at H=12, skipping one
-    with a failed test; "new" when nothing was timed."""
+    with a failed test; "new" when nothing was timed or the tests did not finish."""
     def bench(rows):
         return {"results": [{"impl": impl, "dtype": dt, "fwd_ms": 1.0, "fwd_bwd_ms": ms} for impl, dt, ms in rows]}
 
@@ -142,11 +142,15 @@ def test_gpu_check_picks_the_fastest_backward_that_failed_no_test(tmp_path):
              ("FAILED tests/test_cuda_kernel.py::test_y[fused-1-2] - x\n", rows + [("rwkv_cuda bwd=fused H=12", "bf16", 2.6)],
               "chunk")]
     for text, rs, want in cases:
-        (tmp_path / "pytest.txt").write_text("12 passed\n" + text)
+        (tmp_path / "pytest.txt").write_text(text + "12 passed in 9.08s\n")
         (tmp_path / "bench.json").write_text(json.dumps(bench(rs)))
         p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "pytest.txt"),
                             str(tmp_path / "bench.json")], capture_output=True, text=True, check=True)
         assert p.stdout.strip() == want, (text, rs)
+    (tmp_path / "pytest.txt").write_text("..........\n")  # cut off by its time cap: no closing summary
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "pytest.txt"),
+                        str(tmp_path / "bench.json")], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "new"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_wkv_bwd.py"), str(tmp_path / "missing.txt"),
                         str(tmp_path / "missing.json")], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "new"
@@ -169,9 +173,12 @@ def test_gpu_check_picks_the_chunk_forward_only_when_faster_and_passing(tmp_path
     failed = "FAILED tests/test_cuda_kernel.py::test_chunk_forward_matches_float64_reference[1-37-2-fp32-new] - x\n"
     for text, rs, want in [("", rows, "chunk"), (failed, rows, "seq"), ("", rows[:2], "seq"), ("", rows[:1], "seq"),
                            ("", [], "seq")]:
-        (tmp_path / "pytest.txt").write_text("9 passed\n" + text)
+        (tmp_path / "pytest.txt").write_text(text + "1 failed, 9 passed, 2 skipped in 3.50s\n")
         (tmp_path / "bench.json").write_text(json.dumps(bench(rs)))
         assert run("--forward") == want, (text, rs)
-    (tmp_path / "pytest.txt").write_text(failed)
+    (tmp_path / "pytest.txt").write_text(failed + "1 failed, 9 passed in 3.50s\n")
     (tmp_path / "bench.json").write_text(json.dumps(bench(rows)))
     assert run() == "new"  # the backward keeps its own verdict
+    # a test run cut off by its time cap (no closing summary): nothing counts as tested
+    (tmp_path / "pytest.txt").write_text("....................\n")
+    assert run("--forward") == "seq"
