@@ -6,7 +6,8 @@
 // algebra of kaggletrain/ops/wkv_chunked.py as small dense products. bwd_rows_kernel first writes dsa and the
 // dS checkpoint at EVERY chunk end (CPB = 1): E, the gradient reaching the chunk's last state from later tokens
 // (not yet including that token's own dy r^T). One block per (head, chunk) then needs only S0 (the forward's
-// checkpoint), E, S_L (the next checkpoint) and the chunk's tokens. With g_t = sum_{s<=t} log d_s (per key,
+// checkpoint), E and the chunk's tokens (the CUDA-core body also reads S_L, the next checkpoint, for psi below;
+// the tensor-core body forms psi from S0 and its E products instead, 16 KB less traffic per chunk). With g_t = sum_{s<=t} log d_s (per key,
 // inside the chunk) and G_t the full gradient of S_t:
 //   dr_t = S_t^T dy_t      = e^{g_t}     [ S0^T dy_t  + sum_{s<=t} ((dy_t.sa_s) b_s + (dy_t.v_s) k_s) e^{-g_s} ]
 //   da_t = S_{t-1}^T dsa_t = e^{g_{t-1}} [ S0^T dsa_t + sum_{s<t}  ((dsa_t.sa_s) b_s + (dsa_t.v_s) k_s) e^{-g_s} ]
@@ -210,20 +211,22 @@ struct ChunkSmemTC {
   float psi[N];
 };
 
-// Stage values [kh*KH, kh*KH + KH) of S0^T and E^T and add that part of psi = sum_i E[i] S_L[i].
+// Stage values [kh*KH, kh*KH + KH) of S0^T and E^T and add that part of psi0 = sum_i E[i] S0[i] (into psi).
+// psi = sum_i E[i] S_L[i] is formed from psi0 and the E products later, without reading S_L (16 KB per chunk):
+// S_L = S0 e^{g_L} + sum_s (sa_s b_s^T + v_s k_s^T) e^{g_L - g_s}, so
+// psi = e^{g_L} [psi0 + sum_s (b_s e^{-g_s} (E^T sa_s) + k_s e^{-g_s} (E^T v_s))].
 template <int N>
-__device__ __forceinline__ void stage_state_half(ChunkSmemTC<N>& sm, const float* S0T, const float* ET,
-                                                 const float* SLT, int kh) {
+__device__ __forceinline__ void stage_state_half(ChunkSmemTC<N>& sm, const float* S0T, const float* ET, int kh) {
   using S = ChunkSmemTC<N>;
   constexpr int QG = S::KH / 4;  // float4 groups per key row
   static_assert(QG == 8, "psi reduction: 8 lanes per key");
   for (int idx = threadIdx.x; idx < N * QG; idx += kChunkThreads) {  // uniform trip count (N*QG % 128 == 0)
     const int j = idx / QG, i = 4 * (idx % QG);
     const long long src = (long long)j * N + kh * S::KH + i;
-    const float4 e = ld_cg4(ET + src);
-    sts4(&sm.u.st[0][j][i], IO<float>::load4(S0T + src));
+    const float4 e = ld_cg4(ET + src), s0 = IO<float>::load4(S0T + src);
+    sts4(&sm.u.st[0][j][i], s0);
     sts4(&sm.u.st[1][j][i], e);
-    float part = dot4(e, IO<float>::load4(SLT + src), 0.f);
+    float part = dot4(e, s0, 0.f);
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
     part += __shfl_xor_sync(0xffffffffu, part, 4);
@@ -277,7 +280,7 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
   const float* ET = io.dsck + (pos.bh * pos.nC + pos.c) * NN;
 
   stage_tokens<T, N, NP>(io, pos, sm.x, sm.g);
-  stage_state_half<N>(sm, S0T, ET, S0T + NN, 0);
+  stage_state_half<N>(sm, S0T, ET, 0);
   __syncthreads();
   prefix_log_decay<N>(sm.g);  // warps 0-1; read only after the next barrier
 
@@ -302,10 +305,14 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
   for (int n = 0; n < N / 16; ++n) wm::fill_fragment(out[n], 0.f);
   state_half<N>(out, sm.x[wp], sm.u.st[wp < 2 ? 0 : 1], 0);
   __syncthreads();
-  stage_state_half<N>(sm, S0T, ET, S0T + NN, 1);
+  stage_state_half<N>(sm, S0T, ET, 1);
   __syncthreads();
   state_half<N>(out, sm.x[wp], sm.u.st[wp < 2 ? 0 : 1], 1);
   __syncthreads();  // the states and the token operands are done with
+  if (wp >= 2) {  // E^T v_s and E^T sa_s (the E products so far), for psi: into the slots v and sa just freed
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) wm::store_matrix_sync(&sm.x[wp][0][16 * n], out[n], NP, wm::mem_row_major);
+  }
 
   // masks on the pair products; the scaled token operands
   for (int idx = tid; idx < 4 * L * L; idx += kChunkThreads) {
@@ -325,6 +332,14 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
     sm.u.y[1][tt][j] = kk * eng;
     sm.u.y[2][tt][j] = rr * expf(g - gL);
     sm.u.y[3][tt][j] = aa * expf(gp - gL);
+  }
+  __syncthreads();
+  if (tid < N) {  // psi (see stage_state_half); x[2] and x[3] are rewritten after the next barrier
+    const int j = tid;
+    float acc = sm.psi[j];
+#pragma unroll
+    for (int s = 0; s < L; ++s) acc = fmaf(sm.u.y[0][s][j], sm.x[3][s][j], fmaf(sm.u.y[1][s][j], sm.x[2][s][j], acc));
+    sm.psi[j] = acc * expf(sm.g[L - 1][j]);
   }
   __syncthreads();
 
