@@ -6,8 +6,8 @@
 // algebra of kaggletrain/ops/wkv_chunked.py as small dense products. bwd_rows_kernel first writes dsa and the
 // dS checkpoint at EVERY chunk end (CPB = 1): E, the gradient reaching the chunk's last state from later tokens
 // (not yet including that token's own dy r^T). One block per (head, chunk) then needs only S0 (the forward's
-// checkpoint), E and the chunk's tokens (the CUDA-core body also reads S_L, the next checkpoint, for psi below;
-// the tensor-core body forms psi from S0 and its E products instead, 16 KB less traffic per chunk). With g_t = sum_{s<=t} log d_s (per key,
+// checkpoint), E and the chunk's tokens: psi below, a sum over S_L (the next checkpoint), is formed from S0 and
+// the block's E products instead of reading S_L (16 KB less traffic per chunk). With g_t = sum_{s<=t} log d_s (per key,
 // inside the chunk) and G_t the full gradient of S_t:
 //   dr_t = S_t^T dy_t      = e^{g_t}     [ S0^T dy_t  + sum_{s<=t} ((dy_t.sa_s) b_s + (dy_t.v_s) k_s) e^{-g_s} ]
 //   da_t = S_{t-1}^T dsa_t = e^{g_{t-1}} [ S0^T dsa_t + sum_{s<t}  ((dsa_t.sa_s) b_s + (dsa_t.v_s) k_s) e^{-g_s} ]
@@ -18,7 +18,7 @@
 // float32 keeps its relative precision. The decay gradient needs no per-token N^2 sum: with
 // phi_t = sum_i G_t[i] S_t[i] (per key),
 //   dlogd_t = phi_t - b_t db_t - k_t dk_t,   phi_{t-1} = dlogd_t + a_t da_t + r_{t-1} dr_{t-1},
-//   phi_L = sum_i E[i] S_L[i] + r_L dr_L
+//   phi_L = psi + r_L dr_L,  psi = sum_i E[i] S_L[i]
 // (from S_t = S_{t-1} d_t + sa b^T + v k^T and G_{t-1} = G_t d_t + dsa a^T + dy r^T): a 16-step recursion per
 // key from one N^2 product per chunk. Tokens past T are zero with log d = 0: identity steps.
 //
@@ -408,7 +408,6 @@ __device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T
   const ChunkPos pos(io.T_len, io.H, bh, c);
   const long long NN = (long long)N * N;
   const float* S0T = io.ckpt + (pos.bh * (pos.nC + 1) + pos.c) * NN;
-  const float* SLT = S0T + NN;
   const float* ET = io.dsck + (pos.bh * pos.nC + pos.c) * NN;
 
   stage_tokens<T, N, NP>(io, pos, sm.x, sm.g);
@@ -448,22 +447,20 @@ __device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T
   }
   __syncthreads();  // done with S0^T
 
-  // ---- E products (dk, db) and psi = sum_i E[i] S_L[i]
+  // ---- E products (dk, db); E^T replaces S0^T, and psi0 = sum_i E[i] S0[i] is formed on the way (psi: see the
+  //      tensor-core body's stage_state_half; the 16 float4 groups of a key are 16 neighbouring lanes)
+  static_assert(NG == 16 && (N * NG) % kChunkThreads == 0, "psi0 reduction: 16 lanes per key, uniform trips");
   for (int idx = tid; idx < N * NG; idx += kChunkThreads) {
     const int j = idx / NG, i = 4 * (idx % NG);
-    sts4(&sm.u.st[j][i], ld_cg4(ET + (long long)j * N + i));
+    const float4 e = ld_cg4(ET + (long long)j * N + i);
+    float part = dot4(e, lds4(&sm.u.st[j][i]), 0.f);
+    sts4(&sm.u.st[j][i], e);
+#pragma unroll
+    for (int off = 1; off < NG; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+    if (i == 0) sm.psi[j] = part;
   }
   __syncthreads();
   state_product<N>(acc_k, acc_b, sm.x[2], sm.x[3], sm.u.st, wp, lane);
-  {
-    const int j = tid >> 1, half = tid & 1;
-    float ps = 0.f;
-#pragma unroll
-    for (int i = 32 * half; i < 32 * half + 32; i += 4)
-      ps = dot4(lds4(&sm.u.st[j][i]), IO<float>::load4(SLT + (long long)j * N + i), ps);
-    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
-    if (half == 0) sm.psi[j] = ps;
-  }
   __syncthreads();  // done with E^T
 
   // ---- the token-side operands, scaled: b e^{-g}, k e^{-g}, r e^{g}, a e^{g_prev}
@@ -493,6 +490,21 @@ __device__ __forceinline__ void chunk_body(ChunkSmemSIMT<N>& sm, const ChunkIO<T
     for (int tt = 0; tt < 4; ++tt) { acc_k[tt][jj] *= eL; acc_b[tt][jj] *= eL; }
   }
   __syncthreads();
+  // psi = e^{g_L} psi0 + sum_s (b_s e^{-g_s} (E^T sa_s) + k_s e^{-g_s} (E^T v_s)) e^{g_L} (the E products above are
+  // already scaled by e^{g_L}): each warp's 4 tokens, then the 4 warps' parts (in sm.x, free since the E products)
+  float (*part)[NP] = sm.x[0];
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    const int j = lane + 32 * jj;
+    float acc = 0.f;
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt)
+      acc = fmaf(sm.u.y[0][4 * wp + tt][j], acc_b[tt][jj], fmaf(sm.u.y[1][4 * wp + tt][j], acc_k[tt][jj], acc));
+    part[wp][j] = acc;
+  }
+  __syncthreads();
+  if (tid < N) sm.psi[tid] = fmaf(sm.psi[tid], expf(sm.g[L - 1][tid]), (part[0][tid] + part[1][tid]) + (part[2][tid] + part[3][tid]));
+  __syncthreads();  // the parts are read before put_outputs rewrites sm.x
 
   // ---- products over the chunk's tokens s
 #pragma unroll
