@@ -24,9 +24,9 @@ def _ext():
     return ext
 
 
-def _ext_for(t: torch.Tensor):
-    """The module that runs the kernels for t's device: the CUDA build, or the emulated one for CPU tensors."""
-    return emulated.load_emulated() if t.device.type == "cpu" else _ext()
+def _ext_on(device_type: str):
+    """The module that runs the kernels on this device type: the CUDA build, or the emulated one for "cpu"."""
+    return emulated.load_emulated() if device_type == "cpu" else _ext()
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,12 @@ def _ready(t: torch.Tensor) -> torch.Tensor:
 def _ext_forward(r, w, k, v, a, b, s0, save):
     """The extension's forward on ready inputs: [y, final state, checkpoints, sa] (the last two empty unless
     `save`)."""
-    return _ext_for(r).forward(*(_ready(t) for t in (r, w, k, v, a, b)), None if s0 is None else _ready(s0), save)
+    return _ext_on(r.device.type).forward(*(_ready(t) for t in (r, w, k, v, a, b)), None if s0 is None else _ready(s0), save)
 
 
 def _ext_backward(r, w, k, v, a, b, dy, dsT, ckpt, sa, need_ds0):
     """The extension's backward on ready inputs: [dr, dw, dk, dv, da, db, ds0] (ds0 empty unless `need_ds0`)."""
-    return _ext_for(r).backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
+    return _ext_on(r.device.type).backward(*(_ready(t) for t in (r, w, k, v, a, b, dy)), None if dsT is None else _ready(dsT),
                            ckpt, sa, need_ds0)
 
 
@@ -134,7 +134,7 @@ class WKV7Function(torch.autograd.Function):
 @torch.compiler.assume_constant_result
 def _io_dtype_name(N: int, dtype_name: str, device_type: str) -> str:
     """The dtype the kernel runs for r's dtype ("" when none): a constant while torch.compile traces."""
-    ext = emulated.load_emulated() if device_type == "cpu" else _ext()
+    ext = _ext_on(device_type)
     if dtype_name == "bfloat16" and not ext.supported(N, "bfloat16"):
         dtype_name = "float32"  # pre-sm_80 GPU: bf16 kernels are not compiled; run in float32
     return dtype_name if ext.supported(N, dtype_name) else ""

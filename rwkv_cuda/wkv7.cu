@@ -181,6 +181,16 @@ detail::ChunkIO<T> chunk_io(const BwdArgs& p, const float* dsa, const float* dsc
   return io;
 }
 
+// One block per (head, chunk) forming dr, dw, dk, da, db from dense products (bwd_chunk_kernel), after a row
+// recursion wrote dsa and a dS checkpoint per chunk into the scratch.
+template <typename T>
+int launch_chunk_blocks(const BwdArgs& p, const Scratch& sc, long long BH, int nC, cudaStream_t stream) {
+  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
+  auto chunk = detail::bwd_chunk_kernel<T, kHead>;
+  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
+  return (int)cudaGetLastError();
+}
+
 // Chunk-parallel columns: the row recursion (one block per head) with a dS checkpoint at every chunk end,
 // then one block per (head, chunk) forms dr, dw, dk, da, db from dense products (bwd_chunk_kernel). Scratch:
 // dsa [B,T,H,N], then the dS checkpoints [B*H, nC, N, N] (4x the new backward's: 16 KB per head and chunk).
@@ -191,10 +201,7 @@ int backward_chunk_t(const BwdArgs& p, cudaStream_t stream) {
   const Scratch sc(p, nC);
   const int err = backward_rows_rs<T, 1, 1>(p, sc.dsa, sc.dsck, stream);  // no row split: it measured slower
   if (err || nC == 0) return err;
-  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
-  auto chunk = detail::bwd_chunk_kernel<T, kHead>;
-  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
-  return (int)cudaGetLastError();
+  return launch_chunk_blocks<T>(p, sc, BH, nC, stream);
 }
 
 // kBwdChunk with the dS recursion in chunks too (bwd_scan_kernel: dense products on tensor cores, per head), then
@@ -209,11 +216,7 @@ int backward_scan_t(const BwdArgs& p, cudaStream_t stream) {
   auto scan = detail::bwd_scan_kernel<T, kHead>;
   WKV7_LAUNCH(scan, dim3((unsigned)BH), dim3(detail::kScanThreads), 0, stream, sio);
   if (int err = (int)cudaGetLastError()) return err;
-  if (nC == 0) return 0;
-  const detail::ChunkIO<T> io = chunk_io<T>(p, sc.dsa, sc.dsck);
-  auto chunk = detail::bwd_chunk_kernel<T, kHead>;
-  WKV7_LAUNCH(chunk, dim3((unsigned)(BH * nC)), dim3(detail::kChunkThreads), 0, stream, io);
-  return (int)cudaGetLastError();
+  return nC == 0 ? 0 : launch_chunk_blocks<T>(p, sc, BH, nC, stream);
 }
 
 // kBwdChunk's two kernels as one launch (bwd_fused_kernel): B*H row-recursion blocks, then B*H*nC chunk blocks

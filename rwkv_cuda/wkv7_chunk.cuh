@@ -252,9 +252,10 @@ __device__ __forceinline__ void state_half(FragC (&out)[N / 16], const float (*X
   }
 }
 
-// out[n] += P Y over the chunk's 16 tokens, P as stored (PA = FragA) or transposed (PA = FragAT).
-template <typename PA, int N>
-__device__ __forceinline__ void token_product(FragC (&out)[N / 16], const float* P, const float (*Y)[N]) {
+// out[n] += P Y[:, col0 + 16n .. +15] over the chunk's 16 tokens (n < NT; Y row-major with ld LD), P as stored
+// (PA = FragA) or transposed (PA = FragAT).
+template <typename PA, int NT, int LD>
+__device__ __forceinline__ void token_product(FragC* out, const float* P, const float* Y, int col0) {
   constexpr bool transposed = std::is_same<PA, FragAT>::value;
   PA ah, al;
   FragBR bh, bl;
@@ -262,8 +263,8 @@ __device__ __forceinline__ void token_product(FragC (&out)[N / 16], const float*
   for (int kk = 0; kk < kChunk; kk += 8) {
     load_split(ah, al, transposed ? P + kk * kChunk : P + kk, kChunk);
 #pragma unroll
-    for (int n = 0; n < N / 16; ++n) {
-      load_split(bh, bl, &Y[kk][16 * n], N);
+    for (int n = 0; n < NT; ++n) {
+      load_split(bh, bl, Y + kk * LD + col0 + 16 * n, LD);
       mma3(out[n], ah, al, bh, bl);
     }
   }
@@ -345,11 +346,11 @@ __device__ __forceinline__ void chunk_body(ChunkSmemTC<N>& sm, const ChunkIO<T>&
 
   // warp 0: dr += P1 Y1 + P2 Y2; 1: da += P3 Y1 + P4 Y2; 2: dk += P2^T Y3 + P4^T Y4; 3: db += P1^T Y3 + P3^T Y4
   if (wp < 2) {
-    token_product<FragA, N>(out, &sm.p[2 * wp][0][0], sm.u.y[0]);
-    token_product<FragA, N>(out, &sm.p[2 * wp + 1][0][0], sm.u.y[1]);
+    token_product<FragA, N / 16, N>(out, &sm.p[2 * wp][0][0], &sm.u.y[0][0][0], 0);
+    token_product<FragA, N / 16, N>(out, &sm.p[2 * wp + 1][0][0], &sm.u.y[1][0][0], 0);
   } else {
-    token_product<FragAT, N>(out, &sm.p[wp == 2 ? 1 : 0][0][0], sm.u.y[2]);
-    token_product<FragAT, N>(out, &sm.p[wp == 2 ? 3 : 2][0][0], sm.u.y[3]);
+    token_product<FragAT, N / 16, N>(out, &sm.p[wp == 2 ? 1 : 0][0][0], &sm.u.y[2][0][0], 0);
+    token_product<FragAT, N / 16, N>(out, &sm.p[wp == 2 ? 3 : 2][0][0], &sm.u.y[3][0][0], 0);
   }
 #pragma unroll
   for (int n = 0; n < N / 16; ++n) wm::store_matrix_sync(&sm.x[wp][0][16 * n], out[n], NP, wm::mem_row_major);

@@ -1,7 +1,7 @@
 // WKV-7 recurrences in chunks on tensor cores (sm_80+ builds and the emulator): the forward
 // (KAGGLETRAIN_WKV_FWD=chunk, fwd_chunk_kernel) and the backward's dS recursion (KAGGLETRAIN_WKV_BWD=scan,
 // bwd_scan_kernel, then wkv7_chunk.cuh's chunk blocks). Included by wkv7.cu after wkv7_chunk.cuh, whose TF32 x3
-// helpers (load_split, mma3) it uses.
+// helpers (load_split, mma3, token_product) it uses.
 //
 // fwd_kernel and bwd_rows_kernel spend ~250-425 ns per token on an H200 in chains of dependent steps (a dot,
 // shuffles, the update, a dot, shuffles). Here one block per head walks the chunks of kChunk = 16 tokens and does
@@ -67,20 +67,6 @@ struct ScanSmem {
 };
 
 #if WKV7_CHUNK_USE_TC
-// acc += P X over the 16 tokens (tile columns col0..col0+15 of X), P as stored (FragA) or transposed (FragAT).
-template <typename PA, int N>
-__device__ __forceinline__ void pair_apply(FragC& acc, const float* P, const float (*X)[N + 4], int col0) {
-  constexpr bool transposed = std::is_same<PA, FragAT>::value;
-  PA ah, al;
-  FragBR bh, bl;
-#pragma unroll
-  for (int kk = 0; kk < kChunk; kk += 8) {
-    load_split(ah, al, transposed ? P + kk * kChunk : P + kk, kChunk);
-    load_split(bh, bl, &X[kk][col0], N + 4);
-    mma3(acc, ah, al, bh, bl);
-  }
-}
-
 template <typename T, int N, bool kBack>
 __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
   using S = ScanSmem<N>;
@@ -106,6 +92,14 @@ __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
     const float4 x = io.s_in ? IO<float>::load4(io.s_in + bh * NN + (long long)i * N + j) : make_float4(0.f, 0.f, 0.f, 0.f);
     sm.st[j][i] = x.x; sm.st[j + 1][i] = x.y; sm.st[j + 2][i] = x.z; sm.st[j + 3][i] = x.w;
   }
+  auto decay_state = [&](int first, int stride) {  // st rows (keys) times e^{g_L}: threads first, +stride, ...
+    for (int idx = first; idx < N * NG; idx += stride) {
+      const int j = idx / NG, i = 4 * (idx % NG);
+      const float e = sm.el[j];
+      const float4 x = lds4(&sm.st[j][i]);
+      sts4(&sm.st[j][i], make_float4(x.x * e, x.y * e, x.z * e, x.w * e));
+    }
+  };
   auto store_state = [&](float* dst) {  // st as it is now, to a checkpoint ([key][value])
     for (int idx = tid; idx < N * NG; idx += NT) {
       const int j = idx / NG, i = 4 * (idx % NG);
@@ -198,14 +192,7 @@ __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
         if (wp < 2 ? s >= t : s > t) sm.p[wp][t][s] = 0.f;
       }
     }
-    if constexpr (kBack) {  // ET_ = diag(e^{g_L}) ET: the state products below use the decayed E
-      for (int idx = tid; idx < N * NG; idx += NT) {
-        const int j = idx / NG, i = 4 * (idx % NG);
-        const float e = sm.el[j];
-        const float4 x = lds4(&sm.st[j][i]);
-        sts4(&sm.st[j][i], make_float4(x.x * e, x.y * e, x.z * e, x.w * e));
-      }
-    }
+    if constexpr (kBack) decay_state(tid, NT);  // ET_ = diag(e^{g_L}) ET: the state products below use the decayed E
     __syncthreads();
 
     // ---- warp w, values 16w..16w+15: the first output's state product and pair product (to slot X), the
@@ -227,8 +214,8 @@ __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
         mma3(acc_u, ah, al, bh, bl);
         mma3(acc_y, rh, rl, bh, bl);
       }
-      pair_apply<PairA, N>(acc_u, &sm.p[kBack ? 2 : 1][0][0], sm.x[S::kV], 16 * wp);
-      pair_apply<PairA, N>(acc_y, &sm.p[3][0][0], sm.x[S::kV], 16 * wp);
+      token_product<PairA, 1, NP>(&acc_u, &sm.p[kBack ? 2 : 1][0][0], &sm.x[S::kV][0][0], 16 * wp);
+      token_product<PairA, 1, NP>(&acc_y, &sm.p[3][0][0], &sm.x[S::kV][0][0], 16 * wp);
       wm::store_matrix_sync(&sm.x[S::kX][0][16 * wp], acc_u, NP, wm::mem_row_major);  // g is no longer read
     }
     __syncthreads();
@@ -252,12 +239,7 @@ __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
       }
     } else if constexpr (!kBack) {
       // ---- meanwhile: decay the state (rows = keys) and turn B~, K~ into B_, K_
-      for (int idx = tid - N; idx < N * NG; idx += NT - N) {
-        const int j = idx / NG, i = 4 * (idx % NG);
-        const float e = sm.el[j];
-        const float4 x = lds4(&sm.st[j][i]);
-        sts4(&sm.st[j][i], make_float4(x.x * e, x.y * e, x.z * e, x.w * e));
-      }
+      decay_state(tid - N, NT - N);
       for (int idx = tid - N; idx < L * NG; idx += NT - N) {
         const int tt = idx / NG, j = 4 * (idx % NG);
         const float4 e = lds4(&sm.el[j]), xb = lds4(&sm.x[S::kB][tt][j]), xk = lds4(&sm.x[S::kK][tt][j]);
@@ -269,7 +251,7 @@ __device__ __forceinline__ void scan_body(const ScanIO<T> io) {
 
     // ---- the second output's last product, stored to a slot nothing reads any more: forward Y += P_b SA (to
     //      slot R), backward DV += M_k^T DSA (to slot B)
-    pair_apply<PairA, N>(acc_y, &sm.p[kBack ? 1 : 2][0][0], sm.x[S::kX], 16 * wp);
+    token_product<PairA, 1, NP>(&acc_y, &sm.p[kBack ? 1 : 2][0][0], &sm.x[S::kX][0][0], 16 * wp);
     const int so = kBack ? S::kB : S::kR;
     wm::store_matrix_sync(&sm.x[so][0][16 * wp], acc_y, NP, wm::mem_row_major);
     {

@@ -88,17 +88,13 @@ def test_inference_path_and_empty_sequence(emulate):
 def test_model_trains_the_same_through_the_emulated_kernel(emulate):
     """A two-layer model whose WKV runs the emulated kernel ("auto" resolves to "cuda" here) against the same
     model on the chunked PyTorch WKV, float32: the same loss and parameter gradients to float32 rounding."""
-    from tiny_models import make_model  # tests/tiny_models.py
+    from tiny_models import make_model, train_step  # tests/tiny_models.py
 
     emu = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train()
     chunked = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N, wkv_impl="chunked").train()
     chunked.load_state_dict(emu.state_dict())
     x = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
-    losses = []
-    for m in (emu, chunked):
-        loss = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
-        loss.backward()
-        losses.append(loss.item())
+    losses = [train_step(m, x) for m in (emu, chunked)]
     assert abs(losses[0] - losses[1]) < 1e-5 * losses[1], losses
     for (name, p), q in zip(emu.named_parameters(), chunked.parameters()):
         if q.grad is None:  # parameters the first layer does not use
@@ -133,7 +129,7 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(emulate):
     """The model's own block code traces in full (fullgraph: any graph break is an error) under bf16 autocast
     with the WKV as the operator pair, and gives eager mode's loss and gradients (aot_eager runs the same ops)."""
     from kaggletrain import RWKVModel
-    from tiny_models import make_model  # tests/tiny_models.py
+    from tiny_models import make_model, train_step  # tests/tiny_models.py
 
     torch._dynamo.reset()
     eager = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train()
@@ -144,11 +140,7 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(emulate):
     for blk in comp.blocks:
         blk.compile(backend="aot_eager", fullgraph=True)
     x = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(7))
-    losses = []
-    for m in (eager, comp):
-        loss = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
-        loss.backward()
-        losses.append(loss.item())
+    losses = [train_step(m, x) for m in (eager, comp)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
         assert (pe.grad is None) == (pc.grad is None), name

@@ -83,7 +83,7 @@ def test_compiled_blocks_train_like_eager(device):
     gradients of this tiny model by over 20% for some inputs, so compiled-vs-eager is no measure: the test
     asserted that until the CPU-emulated run showed it failing on noise)."""
     from kaggletrain import RWKVModel
-    from tiny_models import make_model  # tests/tiny_models.py
+    from tiny_models import make_model, train_step  # tests/tiny_models.py
 
     # make_model: the official init plus noise everywhere, so every parameter gets a gradient.
     ref = make_model(hidden_size=128, num_layers=2, vocab_size=97, head_size=N).train().to(device)
@@ -98,11 +98,7 @@ def test_compiled_blocks_train_like_eager(device):
             for blk in m.blocks:
                 blk.compile()
         models[name] = m
-    losses = {}
-    for name, m in models.items():
-        loss = m(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
-        loss.backward()
-        losses[name] = loss.item()
+    losses = {name: train_step(m, x) for name, m in models.items()}
     assert abs(losses["comp32"] - losses["eager32"]) < 1e-5 * abs(losses["eager32"]), losses
     assert abs(losses["comp16"] - losses["eager32"]) < 1e-2 * abs(losses["eager32"]), losses
 

@@ -26,6 +26,13 @@ def make_model(seed=0, **kw) -> RWKVModel:
     return _perturbed({**TINY, **kw}, seed, 0.05).eval()
 
 
+def train_step(model: RWKVModel, x) -> float:
+    """One next-token loss on x (inputs x[:, :-1], labels x[:, 1:]) and its backward; returns the loss."""
+    loss = model(x[:, :-1], labels=x[:, 1:], shift_labels=False, return_logits=False).loss
+    loss.backward()
+    return loss.item()
+
+
 def make_chunked_model(seed=0, **kw) -> RWKVModel:
     """The chunking and checkpointing tests' model (train mode); `kw` overrides CHUNKED."""
     return _perturbed({**CHUNKED, **kw}, seed, 0.1)
