@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build the rwkv_cuda kernel (timed), run the CUDA tests, run the GPU
-# benchmarks (WKV forwards seq/chunk, backwards new/chunk/fused/scan/old; the out-of-memory dry run; 0.1B end to end, eager + profile, then
-# per-block torch.compile; two more dry runs; a tuning sweep of the kernel's compile-time knobs if time is
-# left), print a short summary LAST.
+# benchmarks, print a short summary LAST. Steps, most valuable first (each capped by what is left of the
+# budget, and skipped when too little is left): build; CUDA tests; WKV forwards seq/chunk x backwards
+# new/chunk/fused/scan/old; 0.1B end to end with per-block torch.compile, then eager + profile; the dry run that
+# runs out of memory (issue 11); two more dry runs and a tuning sweep of the kernel's compile-time knobs when
+# a larger budget leaves time for them.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
-#   GPU_CHECK_BUDGET_S=500 timeout 550 scripts/gpu_check.sh   (~6-8 min on an H200; each step is capped
-#   by what is left of the budget, and skipped when too little is left). Logs and JSON go to $OUT when set (device tool), else a temp dir.
+#   GPU_CHECK_BUDGET_S=340 timeout 380 scripts/gpu_check.sh   (under 6 minutes, the default budget; a lease's
+#   15 minutes then leave room for the machine's start and one rerun). Logs and JSON go to $OUT when set
+#   (device tool), else a temp dir.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The device tool brings back at most 8 files from $OUT: the logs and JSON go to a work folder, and
@@ -30,13 +33,13 @@ echo "ninja: $(command -v ninja) $(ninja --version 2>/dev/null)"
 
 # Every step gets min(its own cap, what is left of GPU_CHECK_BUDGET_S minus a reserve for the summary):
 # a step that would start with too little left is skipped and says so, so the summary always prints.
-BUDGET=${GPU_CHECK_BUDGET_S:-500}
+BUDGET=${GPU_CHECK_BUDGET_S:-340}
 left() { echo $(( BUDGET - 15 - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 enough() { [ "$(left)" -ge "$1" ] || { echo "skipped: $(left) s of the budget left (needs $1 s)"; return 1; }; }
 
 echo "== build"
-"$PY" - <<'PYEOF' 2>&1 | tee "$OUT/build.txt"
+timeout "$(cap 240)" "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/build.txt"
 import time
 t = time.perf_counter()
 from rwkv_cuda import build_info, kernel_available
@@ -56,20 +59,28 @@ BUILD_LOG=$(sed -n 's/.*dir=\([^ ]*\).*/\1/p' "$OUT/build.txt" | tail -1)
 save
 echo "== tests"
 rm -f "$OUT/errors.jsonl"
-KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout "$(cap 200)" "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py tests/test_cuda_torch_compile.py \
+KAGGLETRAIN_TEST_REPORT="$OUT/errors.jsonl" timeout "$(cap 150)" "$PY" -m pytest -q -m cuda tests/test_cuda_kernel.py tests/test_cuda_torch_compile.py \
   -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.txt"
 TEST_RC=${PIPESTATUS[0]}
 
 save
 echo "== benchmark"
 BENCH_RC=1
-enough 40 && { timeout "$(cap 150)" "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 \
+enough 40 && { timeout "$(cap 100)" "$PY" benchmarks/bench_wkv_gpu.py --json "$OUT/bench_wkv_gpu.json" 2>&1 \
   | tee "$OUT/bench.txt"; BENCH_RC=${PIPESTATUS[0]}; }
 # The end-to-end runs below use the fastest backward (bf16 fwd+bwd at the 0.1B model's H=12) and forward among
 # those that failed no test; "new" and "seq", the defaults, when nothing was timed.
 export KAGGLETRAIN_WKV_BWD=$("$PY" benchmarks/pick_wkv_bwd.py "$OUT/pytest.txt" "$OUT/bench_wkv_gpu.json")
 export KAGGLETRAIN_WKV_FWD=$("$PY" benchmarks/pick_wkv_bwd.py --forward "$OUT/pytest.txt" "$OUT/bench_wkv_gpu.json")
 echo "end-to-end runs use KAGGLETRAIN_WKV_FWD=$KAGGLETRAIN_WKV_FWD KAGGLETRAIN_WKV_BWD=$KAGGLETRAIN_WKV_BWD"
+
+save
+echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096): per-block torch.compile, then eager + profile"
+TRAIN_RC=1
+enough 70 && timeout "$(cap 150)" "$PY" benchmarks/bench_train_gpu.py --compile --profile 10 \
+    --json "$OUT/bench_train_gpu_compiled.json" 2>&1 | tee "$OUT/train_compiled.txt"
+enough 40 && { timeout "$(cap 100)" "$PY" benchmarks/bench_train_gpu.py --profile 15 --json "$OUT/bench_train_gpu.json" \
+  2>&1 | tee "$OUT/train.txt"; TRAIN_RC=${PIPESTATUS[0]}; }
 
 save
 echo "== dry run that runs out of memory (issue 11: the batch search on a GPU)"
@@ -79,14 +90,6 @@ H100CFG="configs/rwkv7_0.1b_h100.yaml data.source=builtin data.tokenizer=byte"  
 enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 \
   train.micro_batch_size=512 --dry-run --steps 3 --json > "$OUT/dry_run_gpu_oom.json" 2> "$OUT/dry_run_gpu_oom.err"
   DRY3_RC=$?; }
-
-save
-echo "== end-to-end training (0.1B RWKV-7, B=8, T=4096), eager then per-block torch.compile"
-TRAIN_RC=1
-enough 40 && { timeout "$(cap 150)" "$PY" benchmarks/bench_train_gpu.py --profile 15 --json "$OUT/bench_train_gpu.json" \
-  2>&1 | tee "$OUT/train.txt"; TRAIN_RC=${PIPESTATUS[0]}; }
-enough 70 && timeout "$(cap 150)" "$PY" benchmarks/bench_train_gpu.py --compile --profile 10 \
-    --json "$OUT/bench_train_gpu_compiled.json" 2>&1 | tee "$OUT/train_compiled.txt"
 
 save
 echo "== dry runs: tiny config and the 0.1B H100 config (issue 11)"
