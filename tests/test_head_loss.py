@@ -76,3 +76,36 @@ def test_no_gradient_needed_computes_the_loss_only():
     loss, _ = hl.head_loss(h, w, t, torch.float32)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_head_is_as_accurate_as_the_plain_head_in_that_precision(dtype, monkeypatch):
+    """fp16/bf16 products: the fused head (softmax straight to the half-precision gradient, the target column
+    formed in float32) and the plain one (head in `dtype` -> float32 cross-entropy -> L2Wrap, autograd), both
+    against the float64 head. Same loss; gradients no further from float64 than the plain head's. Several
+    slices, ignored targets."""
+    monkeypatch.setattr(hl, "SLICE_BYTES", 16 * 4 * 3000)
+    g = torch.Generator().manual_seed(11)
+    N, C, V = 70, 32, 3000
+    h = torch.randn(N, C, generator=g) * 2
+    w = torch.randn(V, C, generator=g) * 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::6] = hl.IGNORE_INDEX
+
+    def plain(dt):
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        h1, w1 = h.to(acc, copy=True).requires_grad_(), w.to(acc, copy=True).requires_grad_()
+        logits = (h1.to(dt) @ w1.to(dt).t()).to(h1.dtype)[None]
+        loss = F.cross_entropy(logits[0], t, ignore_index=hl.IGNORE_INDEX)
+        L2Wrap.apply(loss, logits).backward()
+        return loss.detach(), h1.grad, w1.grad
+
+    exact_loss, *exact = plain(torch.float64)
+    plain_loss, *plain_grads = plain(dtype)
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = hl.head_loss(h2, w2, t, dtype, 1e-4 / N)
+    loss.backward()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    for got, ref, want in zip((h2.grad, w2.grad), plain_grads, exact):
+        assert rel(got, want) <= 1.2 * rel(ref, want) + 1e-6, (rel(got, want), rel(ref, want))

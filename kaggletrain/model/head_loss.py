@@ -20,9 +20,9 @@ SLICE_BYTES = 1 << 28  # float32 log-probabilities per slice (256 MiB)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the last dimension: float32 straight from fp16/bf16 logits (on CUDA one kernel reads the
-    half-precision logits and writes float32, and its backward writes a half-precision gradient: no float32
-    copy of the logits); float32/float64 logits keep their dtype. Call it outside autocast."""
+    """Log-softmax over the last dimension, float32 from fp16/bf16 logits (on CUDA, fp16 logits go to float32 in
+    one kernel; ATen converts bf16 logits to float32 first); float32/float64 logits keep their dtype. Call it
+    outside autocast."""
     half = logits.dtype in (torch.float16, torch.bfloat16)
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32 if half else None)
 
@@ -48,15 +48,23 @@ class HeadLoss(torch.autograd.Function):
                 logp = log_probs(logits)
                 tt = t.clamp_min(0)[:, None]
                 okf = ok.to(logp.dtype)
-                loss -= (logp.gather(1, tt).squeeze(1) * okf).sum().to(acc)
+                logp_t = logp.gather(1, tt).squeeze(1)
+                loss -= (logp_t * okf).sum().to(acc)
                 if not need_grad:
                     continue
                 # d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows, 0 on ignored ones. The
                 # 1/count and the 0/1 row mask go on the [n, C] sides of the two products (dh rows, the rows of
                 # h that dw sums over) and on the summed dw at the end -- never a pass over [n, V], no sync.
-                g = logp.exp_()
-                g.scatter_add_(1, tt, -okf[:, None])
-                gb = g.to(dtype)
+                # Half-precision logits: softmax straight to their dtype (computed in float32 inside, one read
+                # and one write of [n, V]) instead of exp, subtract and cast passes over float32
+                # log-probabilities; the target column, p - 1, is formed in float32 and rounded once.
+                if logits.dtype != logp.dtype:
+                    del logp  # freed before the softmax is allocated
+                    gb = torch.softmax(logits, dim=-1)
+                else:
+                    gb = logp.exp_()
+                gb.scatter_(1, tt, (logp_t.exp() - okf)[:, None].to(gb.dtype))
+                gb = gb.to(dtype)
                 mask = okf.to(acc)[:, None]
                 dhs = (gb @ wb).to(acc) * (mask * scale)
                 dw += (gb.t() @ (hs * mask.to(dtype))).to(acc)
