@@ -10,7 +10,8 @@
 // the same sequence of barriers (true of these kernels: shuffles and syncs sit in uniform control flow);
 // the scheduler aborts if a thread exits while others wait at a barrier.
 //
-// Not emulated: warp-synchronous execution, register limits, shared-memory limits, alignment faults.
+// Checked as the GPU would fault: the alignment of vector accesses (vec_at, __ldcg) and of wmma tiles.
+// Not emulated: warp-synchronous execution, register limits, shared-memory limits.
 #pragma once
 
 #include <algorithm>
@@ -56,6 +57,17 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == 0 ? "no error" : "emulated error"; }
+
+namespace emu {
+// The GPU faults on a vector or tensor-core access whose address is not aligned to its size (16 bytes for a
+// float4, 32 for a wmma tile); x86 does not, so the emulated accesses check.
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    std::fprintf(stderr, "emulated CUDA: misaligned %s at %p (needs %zu-byte alignment)\n", what, p, bytes);
+    std::abort();
+  }
+}
+}  // namespace emu
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -195,6 +207,15 @@ struct col_major {};
 namespace precision { struct tf32 {}; }
 enum layout_t { mem_row_major, mem_col_major };
 
+// load/store_matrix_sync: "mptr must be a 256-bit aligned pointer", ldm a multiple of 4 for float elements.
+inline void check_tile(const float* p, unsigned ldm) {
+  emu::check_aligned(p, 32, "wmma tile");
+  if (ldm % 4 != 0) {
+    std::fprintf(stderr, "emulated CUDA: wmma ldm %u is not a multiple of 4 floats\n", ldm);
+    std::abort();
+  }
+}
+
 template <typename Use, int M, int N, int K> struct FragShape;
 template <int M, int N, int K> struct FragShape<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
 template <int M, int N, int K> struct FragShape<matrix_b, M, N, K> { static constexpr int R = K, C = N; };
@@ -217,18 +238,21 @@ inline float __float_to_tf32(float f) {  // cvt.rna.tf32.f32: nearest, ties away
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
+  check_tile(p, ldm);
   for (int r = 0; r < F::R; ++r)
     for (int c = 0; c < F::C; ++c)
       f.x[r * F::C + c] = std::is_same<Layout, col_major>::value ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
 }
 template <int M, int N, int K, typename T>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const float* p, unsigned ldm, layout_t layout) {
+  check_tile(p, ldm);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       f.x[r * N + c] = layout == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
 }
 template <int M, int N, int K, typename T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm, layout_t layout) {
+  check_tile(p, ldm);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       (layout == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
@@ -269,7 +293,7 @@ inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
 inline int atomicExch(int* p, int v) { const int old = *p; *p = v; return old; }
 inline void __threadfence() {}
 inline void __nanosleep(unsigned) {}
-inline float4 __ldcg(const float4* p) { return *p; }
+inline float4 __ldcg(const float4* p) { emu::check_aligned(p, 16, "__ldcg"); return *p; }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
 
 // Warp shuffle: publish, rendezvous, read the partner's slot, rendezvous again (so the slot is not

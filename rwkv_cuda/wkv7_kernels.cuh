@@ -75,18 +75,36 @@ namespace detail {
 constexpr int kChunk = 16;  // == kCkptLen in wkv7_api.h (checked in wkv7.cu)
 constexpr float kDecayScale = 0.60653065971263342f;  // exp(-0.5)
 
+// ---------------------------------------------------------------- vector access
+// *(V*)p for a vector type V (float4, float2, uint2, uint4, unsigned): the GPU faults ("misaligned address")
+// unless p is aligned to sizeof(V). The emulator does not fault, so there each access checks its alignment.
+template <typename V, typename P>
+__device__ __forceinline__ V& vec_at(P* p) {
+#ifdef WKV7_EMU
+  emu::check_aligned(p, alignof(V), "vector access");
+#endif
+  return *reinterpret_cast<V*>(p);
+}
+template <typename V, typename P>
+__device__ __forceinline__ const V& vec_at(const P* p) {
+#ifdef WKV7_EMU
+  emu::check_aligned(p, alignof(V), "vector access");
+#endif
+  return *reinterpret_cast<const V*>(p);
+}
+
 // ---------------------------------------------------------------- element I/O (float32 inside)
 template <typename T> struct IO;
 
 template <> struct IO<float> {
   using raw4 = float4;  // 4 elements as stored
-  static __device__ __forceinline__ raw4 load_raw4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+  static __device__ __forceinline__ raw4 load_raw4(const float* p) { return vec_at<float4>(p); }
   static __device__ __forceinline__ float4 cvt4(raw4 x) { return x; }
   static __device__ __forceinline__ float4 load4(const float* p) { return load_raw4(p); }
-  static __device__ __forceinline__ void store4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
-  static __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+  static __device__ __forceinline__ void store4(float* p, float4 x) { vec_at<float4>(p) = x; }
+  static __device__ __forceinline__ float2 load2(const float* p) { return vec_at<float2>(p); }
   static __device__ __forceinline__ void store2(float* p, float a, float b) {
-    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    vec_at<float2>(p) = make_float2(a, b);
   }
   static __device__ __forceinline__ void store1(float* p, float x) { *p = x; }
   static __device__ __forceinline__ float load1(const float* p) { return *p; }
@@ -95,7 +113,7 @@ template <> struct IO<float> {
 // 2-byte types: element 0 is the low half of the first 32-bit word (little endian).
 template <typename T, typename Bits> struct IO16 {
   using raw4 = uint2;
-  static __device__ __forceinline__ raw4 load_raw4(const T* p) { return *reinterpret_cast<const uint2*>(p); }
+  static __device__ __forceinline__ raw4 load_raw4(const T* p) { return vec_at<uint2>(p); }
   static __device__ __forceinline__ float4 cvt4(raw4 u) {
     return make_float4(Bits::to_f(u.x & 0xffffu), Bits::to_f(u.x >> 16), Bits::to_f(u.y & 0xffffu),
                        Bits::to_f(u.y >> 16));
@@ -105,20 +123,20 @@ template <typename T, typename Bits> struct IO16 {
     uint2 u;
     u.x = (unsigned)Bits::from_f(x.x) | ((unsigned)Bits::from_f(x.y) << 16);
     u.y = (unsigned)Bits::from_f(x.z) | ((unsigned)Bits::from_f(x.w) << 16);
-    *reinterpret_cast<uint2*>(p) = u;
+    vec_at<uint2>(p) = u;
   }
   static __device__ __forceinline__ float2 load2(const T* p) {
-    const unsigned u = *reinterpret_cast<const unsigned*>(p);
+    const unsigned u = vec_at<unsigned>(p);
     return make_float2(Bits::to_f(u & 0xffffu), Bits::to_f(u >> 16));
   }
   static __device__ __forceinline__ void store2(T* p, float a, float b) {
-    *reinterpret_cast<unsigned*>(p) = (unsigned)Bits::from_f(a) | ((unsigned)Bits::from_f(b) << 16);
+    vec_at<unsigned>(p) = (unsigned)Bits::from_f(a) | ((unsigned)Bits::from_f(b) << 16);
   }
   static __device__ __forceinline__ void store1(T* p, float x) {
-    *reinterpret_cast<unsigned short*>(p) = Bits::from_f(x);
+    vec_at<unsigned short>(p) = Bits::from_f(x);
   }
   static __device__ __forceinline__ float load1(const T* p) {
-    return Bits::to_f(*reinterpret_cast<const unsigned short*>(p));
+    return Bits::to_f(vec_at<unsigned short>(p));
   }
 };
 
@@ -142,8 +160,8 @@ template <> struct IO<__nv_bfloat16> : IO16<__nv_bfloat16, BF16Bits> {};
 // bits travel in a uint4 so a prefetch does not have to wait for the load to convert it.
 template <typename T>
 __device__ __forceinline__ uint4 load_w_raw4(const void* w, bool w_f32, long long off) {
-  if (sizeof(T) == 4 || w_f32) return *reinterpret_cast<const uint4*>(static_cast<const float*>(w) + off);
-  const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const T*>(w) + off);
+  if (sizeof(T) == 4 || w_f32) return vec_at<uint4>(static_cast<const float*>(w) + off);
+  const uint2 u = vec_at<uint2>(static_cast<const T*>(w) + off);
   return make_uint4(u.x, u.y, 0u, 0u);
 }
 template <typename T>
@@ -206,9 +224,9 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float2 lds2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-__device__ __forceinline__ void sts4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+__device__ __forceinline__ float4 lds4(const float* p) { return vec_at<float4>(p); }
+__device__ __forceinline__ float2 lds2(const float* p) { return vec_at<float2>(p); }
+__device__ __forceinline__ void sts4(float* p, float4 x) { vec_at<float4>(p) = x; }
 __device__ __forceinline__ float comp(const float4& x, int e) { return e == 0 ? x.x : e == 1 ? x.y : e == 2 ? x.z : x.w; }
 __device__ __forceinline__ float comp2(const float2& x, int e) { return e == 0 ? x.x : x.y; }
 
@@ -630,7 +648,7 @@ bwd_kernel(const int T_len, const int H, const T* __restrict__ r, const void* __
         dsa[cc] = group_sum<TPR, PW>(ra[cc][0] + ra[cc][1]);
         dvv[cc] = group_sum<TPR, PW>(rv[cc][0] + rv[cc][1]);
       }
-      if (q == 0) *reinterpret_cast<float2*>(s_dsa + tn + 2 * p) = make_float2(dsa[0], dsa[1]);
+      if (q == 0) vec_at<float2>(s_dsa + tn + 2 * p) = make_float2(dsa[0], dsa[1]);
       if (q == 1) IO<T>::store2(dv + ((bidx * T_len + t0 + tt) * H + h) * N + 2 * p, dvv[0], dvv[1]);
 #pragma unroll
       for (int m = 0; m < G; ++m) {

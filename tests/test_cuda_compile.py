@@ -370,6 +370,47 @@ def test_emulated_splits_bitwise_equal(emu_exe, tmp_path, B, T, H, dtype, w_f32,
     assert all(out == outs["1"] for out in outs.values()), {s: out == outs["1"] for s, out in outs.items()}
 
 
+ALIGN_PROBE = r"""
+#include "cuda_emu.h"
+#include "wkv7_api.h"
+#include "wkv7_kernels.cuh"
+#include <cstdlib>
+namespace wm = nvcuda::wmma;
+alignas(32) static float buf[64 * 68 + 8];
+int main(int argc, char** argv) {
+  const int off = std::atoi(argv[2]);  // in floats
+  float* p = buf + off;
+  if (argv[1][0] == 'v') { wkv7::detail::sts4(p, make_float4(1, 2, 3, 4)); return wkv7::detail::lds4(p).w == 4 ? 0 : 3; }
+  wm::fragment<wm::accumulator, 16, 16, 8, float> f;
+  wm::fill_fragment(f, 1.f);
+  wm::store_matrix_sync(p, f, std::atoi(argv[3]), wm::mem_row_major);
+  return 0;
+}
+"""
+
+
+def test_emulator_faults_on_misaligned_vector_and_tile_accesses(tmp_path):
+    """The GPU faults on a float4 access off a 16-byte boundary and on a wmma tile off a 32-byte one (or with a
+    leading dimension that is not a multiple of 4 floats); x86 does not, so the emulator checks every such
+    access and aborts, naming it. Aligned accesses pass."""
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler")
+    src, exe = tmp_path / "probe.cpp", tmp_path / "probe"
+    src.write_text(ALIGN_PROBE)
+    subprocess.run([gxx, "-std=c++17", "-O1", "-DWKV7_EMU", "-Wno-unknown-pragmas", "-I", str(SRC), str(src), "-o",
+                    str(exe)], check=True, capture_output=True, timeout=300)
+
+    def probe(*args):
+        return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=60)
+
+    assert probe("v", 4).returncode == 0 and probe("t", 8, 68).returncode == 0
+    for args, what in ((("v", 2), "misaligned vector access"), (("t", 4, 68), "misaligned wmma tile"),
+                       (("t", 8, 66), "ldm 66 is not a multiple of 4")):
+        r = probe(*args)
+        assert r.returncode != 0 and what in r.stderr, (args, r.returncode, r.stderr)
+
+
 def test_emulator_keeps_sources_in_package():
     """The loader builds from these files; they must ship with the package (pyproject package-data)."""
     for name in ("wkv7.cu", "wkv7_torch.cpp", "wkv7_api.h", "wkv7_kernels.cuh", "wkv7_chunk.cuh",
