@@ -3,8 +3,8 @@
 # benchmarks, print a short summary LAST. Steps, most valuable first (each capped by what is left of the
 # budget, and skipped when too little is left): build; CUDA tests; WKV forwards seq/chunk x backwards
 # new/chunk/fused/scan/old; 0.1B end to end with per-block torch.compile, then eager + profile; the dry run that
-# runs out of memory (issue 11); two more dry runs and a tuning sweep of the kernel's compile-time knobs when
-# a larger budget leaves time for them.
+# runs out of memory (issue 11); compute-sanitizer memcheck and racecheck over every kernel combination; two
+# more dry runs and a tuning sweep of the kernel's compile-time knobs when a larger budget leaves time for them.
 # Needs only python3 with torch, numpy, pytest, ninja (+ nvcc); run from anywhere:
 #   GPU_CHECK_BUDGET_S=340 timeout 380 scripts/gpu_check.sh   (under 6 minutes, the default budget; a lease's
 #   15 minutes then leave room for the machine's start and one rerun). Logs and JSON go to $OUT when set
@@ -92,6 +92,19 @@ enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.se
   DRY3_RC=$?; }
 
 save
+echo "== compute-sanitizer on every forward x backward, small shapes (memcheck, then racecheck in fp32)"
+CS=$(command -v compute-sanitizer || ls "$(dirname "$(command -v nvcc)")/compute-sanitizer" /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+MEMCHECK_RC=-; RACECHECK_RC=-
+if [ -z "$CS" ]; then echo "compute-sanitizer not found"; else
+  # Without the caching allocator every tensor is its own allocation: an access past a tensor's end is seen.
+  enough 60 && { PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap 120)" "$CS" --tool memcheck --error-exitcode 9 \
+    "$PY" scripts/sanitize_wkv.py > "$OUT/memcheck.txt" 2>&1; MEMCHECK_RC=$?; tail -3 "$OUT/memcheck.txt"; }
+  # (any other memcheck status: the sanitizer could not run here, e.g. "Device not supported" under gVisor)
+  { [ "$MEMCHECK_RC" = 0 ] || [ "$MEMCHECK_RC" = 9 ]; } && enough 60 && { timeout "$(cap 120)" "$CS" --tool racecheck --error-exitcode 9 "$PY" scripts/sanitize_wkv.py \
+    --dtypes fp32 > "$OUT/racecheck.txt" 2>&1; RACECHECK_RC=$?; tail -3 "$OUT/racecheck.txt"; }
+fi
+
+save
 echo "== dry runs: tiny config and the 0.1B H100 config (issue 11)"
 DRY_RC=1; DRY2_RC=1
 enough 30 && { timeout "$(cap 90)" "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
@@ -133,6 +146,7 @@ echo "bench rc=$BENCH_RC; end-to-end runs used KAGGLETRAIN_WKV_FWD=$KAGGLETRAIN_
 grep -h "^TRAIN" "$OUT/train.txt" || echo "train bench rc=$TRAIN_RC"
 grep -h "^TRAIN" "$OUT/train_compiled.txt" || echo "compiled train bench: no result (see train_compiled.txt)"
 grep -h "^| " "$OUT/sweep.txt" 2>/dev/null || echo "sweep: not run"
+echo "compute-sanitizer: memcheck rc=$MEMCHECK_RC ($(grep -c 'Invalid\|Misaligned' "$OUT/memcheck.txt" 2>/dev/null || echo 0) invalid or misaligned accesses), racecheck rc=$RACECHECK_RC ($(grep -c 'hazard' "$OUT/racecheck.txt" 2>/dev/null || echo 0) hazard lines); 0 = clean, 9 = errors, 124 = cut off, else the sanitizer did not run"
 "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run OOM rc=$DRY3_RC: out_of_memory={bool(r.get('out_of_memory'))} suggestion={r.get('suggestion')}\")" "$OUT/dry_run_gpu_oom.json" 2>/dev/null || echo "dry run OOM rc=$DRY3_RC: $(tail -1 "$OUT/dry_run_gpu_oom.err")"
 for f in dry_run_gpu dry_run_gpu_0.1b; do
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"dry run {sys.argv[2]}: {r['device_name']} {r['precision']} wkv={r['wkv_impl']} {r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_bytes']/2**30:.2f} GiB, T4 {r['projected_t4_memory_gb']:.1f} GB fits={r['fits_t4']}\")" "$OUT/$f.json" "$f" 2>/dev/null || echo "dry run $f failed: $(tail -1 "$OUT/$f.err")"

@@ -5,6 +5,7 @@ around them, against the float64 reference and the chunked PyTorch path."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -146,3 +147,22 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(emulate):
         assert (pe.grad is None) == (pc.grad is None), name
         if pe.grad is not None:
             torch.testing.assert_close(pc.grad, pe.grad, rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_sanitizer_driver_runs_every_requested_combination(emulate, monkeypatch, capsys):
+    """scripts/sanitize_wkv.py, which gpu_check.sh runs under compute-sanitizer, on the emulated kernels: one line
+    per forward x backward x dtype x shape, all finite; it leaves the variant switches as they were."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("KAGGLETRAIN_WKV_FWD", "seq")
+    monkeypatch.setenv("KAGGLETRAIN_WKV_BWD", "new")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sanitize_wkv.py"
+    spec = importlib.util.spec_from_file_location("sanitize_wkv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--dtypes", "fp16", "--fwd", "chunk", "--bwd", "scan,fused"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok ")]
+    assert len(lines) == 2 * len(mod.SHAPES)
+    assert any("fwd=chunk bwd=scan fp16 B=1 T=37 H=2 s0+dsT" in line for line in lines)
+    assert (os.environ["KAGGLETRAIN_WKV_FWD"], os.environ["KAGGLETRAIN_WKV_BWD"]) == ("seq", "new")

@@ -1,0 +1,104 @@
+"""Every rwkv_cuda forward x backward on small shapes (T not a multiple of the chunk length, with and without an
+initial state and a final-state gradient), for NVIDIA's compute-sanitizer; gpu_check.sh runs it when time is
+left:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python scripts/sanitize_wkv.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python scripts/sanitize_wkv.py --dtypes fp32
+
+memcheck reports out-of-bounds and misaligned global accesses; without PyTorch's caching allocator every
+tensor is its own allocation, so an access past a tensor's end is one. racecheck reports shared-memory hazards
+(a missing barrier). The kernels' shared-memory code is the same for every dtype, so one dtype is enough there.
+Each combination also checks that its outputs and gradients are finite. With KAGGLETRAIN_WKV_EMULATE=1 it runs
+on CPU tensors through the emulator (how this script is tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+FWDS = ("seq", "chunk")
+BWDS = ("new", "chunk", "fused", "scan", "old")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHAPES = ((1, 37, 2, True), (2, 16, 1, False))  # B, T, H, with s0 and dsT
+
+
+def inputs(B, T, H, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    N = 64
+    r, k, v = (torch.randn(B, T, H, N, device=device, generator=g) for _ in range(3))
+    w = torch.rand(B, T, H, N, device=device, generator=g) * 12 - 8
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=device, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(B, T, H, N, device=device, generator=g)
+    ins = [t.to(dtype).requires_grad_() for t in (r, w, k, v, a, b)]
+    s0 = (torch.randn(B, H, N, N, device=device, generator=g) * 0.3).requires_grad_()
+    dy = torch.randn(B, T, H, N, device=device, generator=g).to(dtype)
+    dsT = torch.randn(B, H, N, N, device=device, generator=g)
+    return ins, s0, dy, dsT
+
+
+def run_one(fwd: str, bwd: str, dtype, device, B, T, H, with_state) -> bool:
+    from rwkv_cuda import wkv_cuda
+
+    os.environ["KAGGLETRAIN_WKV_FWD"], os.environ["KAGGLETRAIN_WKV_BWD"] = fwd, bwd
+    ins, s0, dy, dsT = inputs(B, T, H, dtype, device, seed=T * 7 + B)
+    y, sT = wkv_cuda(*ins, s0 if with_state else None)
+    loss = (y.float() * dy.float()).sum() + ((sT * dsT).sum() if with_state else 0.0)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    outs = [y, sT] + [t.grad for t in ins] + ([s0.grad] if with_state else [])
+    return all(o is not None and bool(torch.isfinite(o.float()).all()) for o in outs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--fwd", default=",".join(FWDS))
+    ap.add_argument("--bwd", default=",".join(BWDS))
+    args = ap.parse_args(argv)
+    emulated = os.environ.get("KAGGLETRAIN_WKV_EMULATE", "") not in ("", "0")
+    device = "cpu" if emulated else "cuda"
+    if device == "cuda":
+        from rwkv_cuda import build_info, kernel_available
+
+        if not torch.cuda.is_available() or not kernel_available(64):
+            print(f"sanitize_wkv: no CUDA kernel to check ({build_info()['error'] if torch.cuda.is_available() else 'no GPU'})")
+            return 2
+    bad = 0
+    saved = {k: os.environ.get(k) for k in ("KAGGLETRAIN_WKV_FWD", "KAGGLETRAIN_WKV_BWD")}
+    try:
+        bad = sweep(args, device)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"sanitize_wkv: {bad} combination(s) with non-finite outputs")
+    return 1 if bad else 0
+
+
+def sweep(args, device) -> int:
+    """Runs the combinations; returns how many had non-finite outputs."""
+    bad = 0
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+            continue
+        for fwd in args.fwd.split(","):
+            for bwd in args.bwd.split(","):
+                for B, T, H, with_state in SHAPES:
+                    ok = run_one(fwd, bwd, dtype, device, B, T, H, with_state)
+                    bad += not ok
+                    print(f"{'ok ' if ok else 'NON-FINITE'} fwd={fwd} bwd={bwd} {name} B={B} T={T} H={H}"
+                          f"{' s0+dsT' if with_state else ''}", flush=True)
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())
