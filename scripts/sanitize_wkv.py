@@ -43,12 +43,13 @@ def inputs(B, T, H, dtype, device, seed):
 
 def run_one(fwd: str, bwd: str, dtype, device, B, T, H, with_state) -> bool:
     from rwkv_cuda import wkv_cuda
+    from rwkv_cuda.loader import _env
 
-    os.environ["KAGGLETRAIN_WKV_FWD"], os.environ["KAGGLETRAIN_WKV_BWD"] = fwd, bwd
     ins, s0, dy, dsT = inputs(B, T, H, dtype, device, seed=T * 7 + B)
-    y, sT = wkv_cuda(*ins, s0 if with_state else None)
-    loss = (y.float() * dy.float()).sum() + ((sT * dsT).sum() if with_state else 0.0)
-    loss.backward()
+    with _env(KAGGLETRAIN_WKV_FWD=fwd, KAGGLETRAIN_WKV_BWD=bwd):  # the extension reads them at each call
+        y, sT = wkv_cuda(*ins, s0 if with_state else None)
+        loss = (y.float() * dy.float()).sum() + ((sT * dsT).sum() if with_state else 0.0)
+        loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
     outs = [y, sT] + [t.grad for t in ins] + ([s0.grad] if with_state else [])
@@ -69,16 +70,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available() or not kernel_available(64):
             print(f"sanitize_wkv: no CUDA kernel to check ({build_info()['error'] if torch.cuda.is_available() else 'no GPU'})")
             return 2
-    bad = 0
-    saved = {k: os.environ.get(k) for k in ("KAGGLETRAIN_WKV_FWD", "KAGGLETRAIN_WKV_BWD")}
-    try:
-        bad = sweep(args, device)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    bad = sweep(args, device)
     print(f"sanitize_wkv: {bad} combination(s) with non-finite outputs")
     return 1 if bad else 0
 
