@@ -168,21 +168,28 @@ class RWKV7TimeMix(nn.Module):
         v = self.value(xv)
         # Decay logit in float32 (never let the decay itself round to 1 in half precision).
         w = up(self.w0) + up(torch.tanh(xw @ self.w1) @ self.w2)
+        # The value residual, a and the key modification run in the activations' dtype (bf16/fp16 under
+        # autocast, as in the official bf16 trainer; float32 otherwise): their parameters are cast to it, so a
+        # float32 parameter does not promote a [B, T, C] activation to float32.
         if v_first is None:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+            gate = (xv @ self.v1) @ self.v2
+            v = v + (v_first - v) * torch.sigmoid(self.v0.to(gate.dtype) + gate)
+        lora_a = (xa @ self.a1) @ self.a2
+        a = torch.sigmoid(self.a0.to(lora_a.dtype) + lora_a)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         # kk from the unmodified k, normalised in float32 (fp16 under/overflows here: spec pitfalls).
         kk = F.normalize(up(k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * (1 + (a - 1) * self.k_a.to(a.dtype))
 
         dt = r.dtype
         rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N).to(dt), v.view(B, T, H, N).to(dt)
-        ah = (-kk).to(dt)
-        bh = (kk * up(a).view(B, T, H, N)).to(dt)
+        # Rounded once to dt, as (-kk).to(dt) and (kk * float(a)).to(dt) would be, without float32 copies of -kk
+        # and a (negation commutes with rounding; the product promotes a inside the kernel).
+        ah = kk.to(dt).neg()
+        bh = (kk * a.view(B, T, H, N)).to(dt)
         wh = w.view(B, T, H, N)
         if valid is not None:
             m = valid[:, :, None, None]
