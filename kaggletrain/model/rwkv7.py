@@ -220,12 +220,16 @@ class RWKV7TimeMix(nn.Module):
         # (optimize_for_inference(dtype)): CPU group_norm refuses mixed dtypes.
         lnx = self.ln_x
         y = F.group_norm(up(y).reshape(B * T, C), lnx.num_groups, up(lnx.weight), up(lnx.bias), lnx.eps).view(B, T, C)
-        # Bonus term uses the modified k and the mixed v. Half-precision r, k, v, g are promoted to float32
-        # inside each product (no float32 copies of them).
-        bonus = (r.view(B, T, H, N) * (k.view(B, T, H, N) * up(self.r_k))).sum(-1, keepdim=True)
+        # Under autocast the normalised y is rounded once to the autocast dtype, as the LayerNorm outputs are
+        # (amp_input), and the bonus term and the gate run in it, as in the official bf16 trainer: the output
+        # projection takes its input in that dtype anyway. Without autocast: float32, unchanged.
+        y = amp_input(y)
+        # Bonus term uses the modified k and the mixed v.
+        bonus = (r.view(B, T, H, N) * (k.view(B, T, H, N) * self.r_k.to(y.dtype))).sum(-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
-        # Back to the weights' dtype for the projection (a no-op for float32 weights; autocast casts anyway).
-        return self.output((y * g).to(self.output.weight.dtype))
+        y = y * g
+        # Half-precision weights without autocast (optimize_for_inference): the projection's dtype.
+        return self.output(y if torch.is_autocast_enabled(y.device.type) else y.to(self.output.weight.dtype))
 
 
 class RWKV7ChannelMix(nn.Module):
