@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from rwkv_cuda.loader import _env
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,14 +51,15 @@ def cuda_time_ms(fn, warmup: int, iters: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def wkv_inputs(B, T, H, N, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r, k, v = (torch.randn(B, T, H, N, device="cuda", generator=g) for _ in range(3))
-    w = torch.rand(B, T, H, N, device="cuda", generator=g) * 12 - 8
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device="cuda", generator=g), dim=-1)
-    gate = torch.rand(B, T, H, N, device="cuda", generator=g)
+def wkv_inputs(B, T, H, N, dtype, seed=0, device="cuda"):
+    """r, w, k, v, a, b (leaves in `dtype`, realistic ranges) and an upstream gradient for y."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, device=device, generator=g) for _ in range(3))
+    w = torch.rand(B, T, H, N, device=device, generator=g) * 12 - 8
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=device, generator=g), dim=-1)
+    gate = torch.rand(B, T, H, N, device=device, generator=g)
     ins = [t.to(dtype).requires_grad_() for t in (r, w, k, v, -kk, kk * gate)]
-    dy = torch.randn(B, T, H, N, device="cuda", generator=g).to(dtype)
+    dy = torch.randn(B, T, H, N, device=device, generator=g).to(dtype)
     return ins, dy
 
 
@@ -99,7 +102,7 @@ def cuda_rows(args, wkv_cuda, BH: int) -> list:
             for variant in bwds]
     ext = load_extension()
     for fwd in filter(None, args.fwd.split(",")):
-        with _env({"KAGGLETRAIN_WKV_FWD": fwd}):
+        with _env(KAGGLETRAIN_WKV_FWD=fwd):
             if ext.fwd_variant() != fwd:  # e.g. the chunk forward on a GPU without TF32 (the T4)
                 print(f"rwkv_cuda fwd={fwd}: not built for this GPU, not timed")
                 continue
@@ -108,29 +111,11 @@ def cuda_rows(args, wkv_cuda, BH: int) -> list:
     for split in filter(None, args.split.split(",")):
         label = split
         if split == "auto" and hasattr(ext, "split"):  # what auto picks for this many heads on this GPU
-            with _env({"KAGGLETRAIN_WKV_SPLIT": "auto"}):
+            with _env(KAGGLETRAIN_WKV_SPLIT="auto"):
                 label = f"auto({ext.split(BH)})"
         rows.append((f"rwkv_cuda bwd=new split={label}", wkv_cuda,
                      {"KAGGLETRAIN_WKV_BWD": "new", "KAGGLETRAIN_WKV_SPLIT": split}))
     return rows
-
-
-class _env:
-    """Set environment variables for a `with` block (the extension reads them at each call)."""
-
-    def __init__(self, values: dict):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def time_rows(rows, ins, dy, dname, args, suffix=""):
@@ -139,7 +124,7 @@ def time_rows(rows, ins, dy, dname, args, suffix=""):
         name += suffix
         slow = name.startswith("chunked")  # the fallback can take ~a second per call: fewer repeats
         try:
-            with _env(env):
+            with _env(**env):  # the extension reads them at each call
                 f, fb = bench_wkv(fn, ins, dy, 1 if slow else args.warmup, 5 if slow else args.iters, args.budget_s)
         except torch.cuda.OutOfMemoryError:
             print(f"{name} {dname}: out of memory")

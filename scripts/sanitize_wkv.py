@@ -16,27 +16,25 @@ on CPU tensors through the emulator (how this script is tested without a GPU).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_wkv_gpu import DTYPES, wkv_inputs  # noqa: E402  (the benchmark's realistic inputs)
+
 FWDS = ("seq", "chunk")
 BWDS = ("new", "chunk", "fused", "scan", "old")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = ((1, 37, 2, True), (2, 16, 1, False))  # B, T, H, with s0 and dsT
 
 
 def inputs(B, T, H, dtype, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
+    """The benchmark's inputs and upstream gradient, plus an initial state and a final-state gradient."""
     N = 64
-    r, k, v = (torch.randn(B, T, H, N, device=device, generator=g) for _ in range(3))
-    w = torch.rand(B, T, H, N, device=device, generator=g) * 12 - 8
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=device, generator=g), dim=-1)
-    a, b = -kk, kk * torch.rand(B, T, H, N, device=device, generator=g)
-    ins = [t.to(dtype).requires_grad_() for t in (r, w, k, v, a, b)]
+    ins, dy = wkv_inputs(B, T, H, N, dtype, seed=seed, device=device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
     s0 = (torch.randn(B, H, N, N, device=device, generator=g) * 0.3).requires_grad_()
-    dy = torch.randn(B, T, H, N, device=device, generator=g).to(dtype)
     dsT = torch.randn(B, H, N, N, device=device, generator=g)
     return ins, s0, dy, dsT
 
@@ -62,8 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fwd", default=",".join(FWDS))
     ap.add_argument("--bwd", default=",".join(BWDS))
     args = ap.parse_args(argv)
-    emulated = os.environ.get("KAGGLETRAIN_WKV_EMULATE", "") not in ("", "0")
-    device = "cpu" if emulated else "cuda"
+    from rwkv_cuda import emulated
+
+    device = "cpu" if emulated.enabled() else "cuda"
     if device == "cuda":
         from rwkv_cuda import build_info, kernel_available
 
