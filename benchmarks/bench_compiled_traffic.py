@@ -13,6 +13,7 @@ compiled graph holds the kernel as one opaque call, as on a GPU. Inductor's CPU 
 backend does in the main (pointwise and reductions into one loop nest), so the ratio is the quantity to read.
 
     python benchmarks/bench_compiled_traffic.py [--width 768 --layers 2] [--json out.json]
+    python benchmarks/bench_compiled_traffic.py --head [--width 768 --vocab 50304]   # the training head + loss
 
 Prints bytes per token per layer (the slope between two sequence lengths), both ways, and the compiled
 kernels with the most traffic.
@@ -65,8 +66,8 @@ def eager_bytes(width: int, layers: int, seq: int) -> collections.Counter:
     return collections.Counter({op: b for op, b in counter.by_op.items() if op not in MATMUL})
 
 
-def compiled_bytes(width: int, layers: int, seq: int) -> collections.Counter:
-    """Bytes per inductor kernel (keyed by the ops it fuses), over every graph compiled for one step."""
+def _inductor_bytes(run) -> collections.Counter:
+    """Bytes per inductor kernel (keyed by the ops it fuses), over every graph compiled while `run()` runs."""
     import torch._inductor.config as ind_config
     from torch._inductor.graph import GraphLowering
     from torch._inductor.scheduler import ExternKernelSchedulerNode
@@ -97,13 +98,42 @@ def compiled_bytes(width: int, layers: int, seq: int) -> collections.Counter:
 
     GraphLowering.compile_to_module = counting
     try:
+        run()
+    finally:
+        GraphLowering.compile_to_module = real
+    return found
+
+
+def compiled_bytes(width: int, layers: int, seq: int) -> collections.Counter:
+    def run():
         model = _blocks(width, layers)
         for blk in model.blocks:
             blk.compile()
         _step(model, seq)
-    finally:
-        GraphLowering.compile_to_module = real
-    return found
+
+    return _inductor_bytes(run)
+
+
+def _head_step(width: int, vocab: int, n: int, compiled: bool) -> None:
+    """The training head (model/head_loss.py) on `n` tokens: bf16 products, L2Wrap, forward + backward."""
+    import kaggletrain.model.head_loss as hl
+
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, width, generator=g).requires_grad_()
+    w = (torch.randn(vocab, width, generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=g)
+    hl._COMPILED = None  # compiled afresh for this n (counted below)
+    loss, _ = hl.head_loss(h, w, t, torch.bfloat16, 1e-4 / n, compiled=compiled)
+    loss.backward()
+
+
+def head_bytes(width: int, vocab: int, seq: int, compiled: bool) -> collections.Counter:
+    if compiled:
+        return _inductor_bytes(lambda: _head_step(width, vocab, seq, True))
+    counter = TrafficCounter()
+    with counter:
+        _head_step(width, vocab, seq, False)
+    return collections.Counter({op: b for op, b in counter.by_op.items() if op not in MATMUL})
 
 
 def per_token(width: int, layers: int, seqs=(64, 192)) -> dict:
@@ -125,12 +155,38 @@ def per_token(width: int, layers: int, seqs=(64, 192)) -> dict:
     return out
 
 
+def head_per_token(width: int, vocab: int, seqs=(64, 192)) -> dict:
+    """The training head's non-matmul bytes per token, eager and with `compiled=True` (train.compile)."""
+    out = {"shape": {"width": width, "vocab": vocab, "seqs": list(seqs)}, "torch": torch.__version__}
+    for mode in ("eager", "compiled"):
+        a, b = (head_bytes(width, vocab, s, mode == "compiled") for s in seqs)
+        growth = {k: (b[k] - a[k]) / (seqs[1] - seqs[0]) for k in set(a) | set(b)}
+        out[mode] = {"bytes_per_token": sum(growth.values()),
+                     "top": [{"what": k, "bytes_per_token": v}
+                             for k, v in sorted(growth.items(), key=lambda kv: -kv[1])[:8]]}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=50304, help="the head's vocabulary (--head)")
+    p.add_argument("--head", action="store_true", help="the training head + loss instead of the blocks")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.head:
+        res = head_per_token(args.width, args.vocab)
+        for mode in ("eager", "compiled"):
+            r = res[mode]
+            print(f"head {mode:9s} non-matmul traffic: {r['bytes_per_token'] / 1e3:8.1f} kB per token "
+                  f"(= {r['bytes_per_token'] / args.vocab:.1f} bytes x V)")
+            for t in r["top"][:6]:
+                print(f"    {t['bytes_per_token'] / 1e3:8.1f} kB  {t['what']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     res = per_token(args.width, args.layers)
     for mode in ("eager", "compiled"):
         r = res[mode]

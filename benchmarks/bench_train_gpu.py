@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--grad-ckpt", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block (as train.compile does)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block and the head's slices (as train.compile does)")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="after timing, profile one step and print the K most expensive CUDA kernels")
     ap.add_argument("--json", default=None)
@@ -46,8 +46,7 @@ def main() -> None:
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
     if args.compile:
-        for blk in model.blocks:
-            blk.compile()
+        model.compile_for_training()  # as train.compile does: each block and the head's slices
     opt = build_optimizer(model, 6e-4, 0.1, (0.9, 0.99), 1e-8, dev)
     scaler = torch.amp.GradScaler("cuda", enabled=prec.use_scaler)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=dev)

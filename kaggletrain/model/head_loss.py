@@ -27,9 +27,36 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32 if half else None)
 
 
+def slice_grad(logits: torch.Tensor, tt: torch.Tensor, okf: torch.Tensor):
+    """One slice's summed NLL over the kept rows (`okf` 1/0, float32 or float64), the gradient of that sum
+    (p - onehot on kept rows, p on ignored ones; in the logits' dtype) and each row's largest logit and its
+    column (L2Wrap). The same arithmetic as the eager path in HeadLoss, written for torch.compile, which fuses
+    it into a reduction pass (max, argmax, sum of exp) and one pointwise pass that writes the gradient:
+    half-precision logits are read three times and the gradient written once, where the eager path makes
+    float32 log-probabilities and several passes over them."""
+    x = logits.to(okf.dtype)
+    top, where = x.max(dim=-1, keepdim=True)
+    e = torch.exp(x - top)
+    s = e.sum(dim=-1, keepdim=True)
+    nll = ((top + torch.log(s) - x.gather(1, tt)).squeeze(1) * okf).sum()
+    onehot = torch.arange(x.shape[1], device=x.device)[None] == tt
+    g = e / s - onehot.to(x.dtype) * okf[:, None]  # the target column's p - 1 formed in float32, rounded once
+    return nll, g.to(logits.dtype), top.squeeze(1), where.squeeze(1)
+
+
+_COMPILED = None
+
+
+def _compiled_slice():
+    global _COMPILED
+    if _COMPILED is None:  # on first use: importing the module must not start inductor
+        _COMPILED = torch.compile(slice_grad, fullgraph=True)
+    return _COMPILED
+
+
 class HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, l2_factor, count):
+    def forward(ctx, h, weight, targets, dtype, l2_factor, count, compiled):
         N, V = h.shape[0], weight.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(device_type=h.device.type, enabled=False):
@@ -45,31 +72,36 @@ class HeadLoss(torch.autograd.Function):
             for i in range(0, N, step):
                 hs, t, ok = hb[i:i + step], targets[i:i + step], valid[i:i + step]
                 logits = hs @ wb.t()
-                logp = log_probs(logits)
                 tt = t.clamp_min(0)[:, None]
-                okf = ok.to(logp.dtype)
-                logp_t = logp.gather(1, tt).squeeze(1)
-                loss -= (logp_t * okf).sum().to(acc)
-                if not need_grad:
-                    continue
-                # d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows, 0 on ignored ones. The
-                # 1/count and the 0/1 row mask go on the [n, C] sides of the two products (dh rows, the rows of
-                # h that dw sums over) and on the summed dw at the end -- never a pass over [n, V], no sync.
-                # Half-precision logits: softmax straight to their dtype (computed in float32 inside, one read
-                # and one write of [n, V]) instead of exp, subtract and cast passes over float32
-                # log-probabilities; the target column, p - 1, is formed in float32 and rounded once.
-                if logits.dtype != logp.dtype:
-                    del logp  # freed before the softmax is allocated
-                    gb = torch.softmax(logits, dim=-1)
+                if compiled and need_grad:
+                    okf = ok.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+                    nll, gb, top, where = _compiled_slice()(logits, tt, okf)
+                    loss += nll.to(acc)
                 else:
-                    gb = logp.exp_()
-                gb.scatter_(1, tt, (logp_t.exp() - okf)[:, None].to(gb.dtype))
+                    logp = log_probs(logits)
+                    okf = ok.to(logp.dtype)
+                    logp_t = logp.gather(1, tt).squeeze(1)
+                    loss -= (logp_t * okf).sum().to(acc)
+                    if not need_grad:
+                        continue
+                    # d(mean NLL)/d(logits) = (softmax - onehot) / count on target rows, 0 on ignored ones. The
+                    # 1/count and the 0/1 row mask go on the [n, C] sides of the two products (dh rows, the rows
+                    # of h that dw sums over) and on the summed dw at the end -- never a pass over [n, V], no
+                    # sync. Half-precision logits: softmax straight to their dtype (computed in float32 inside,
+                    # one read and one write of [n, V]) instead of exp, subtract and cast passes over float32
+                    # log-probabilities; the target column, p - 1, is formed in float32 and rounded once.
+                    if logits.dtype != logp.dtype:
+                        del logp  # freed before the softmax is allocated
+                        gb = torch.softmax(logits, dim=-1)
+                    else:
+                        gb = logp.exp_()
+                    gb.scatter_(1, tt, (logp_t.exp() - okf)[:, None].to(gb.dtype))
+                    top, where = logits.max(dim=-1) if l2_factor is not None else (None, None)
                 gb = gb.to(dtype)
                 mask = okf.to(acc)[:, None]
                 dhs = (gb @ wb).to(acc) * (mask * scale)
                 dw += (gb.t() @ (hs * mask.to(dtype))).to(acc)
                 if l2_factor is not None:  # L2Wrap: + factor * max logit at the argmax, every token
-                    top, where = logits.max(dim=-1)
                     l2 = (top.to(acc) * l2_factor)[:, None]
                     dhs += l2 * wb[where].to(acc)
                     dw_l2.index_add_(0, where, l2 * hs.to(acc))
@@ -86,12 +118,14 @@ class HeadLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad.to(dw.dtype)).to(ctx.weight_dtype), None, None, None, None
+        return dh * grad.to(dh.dtype), (dw * grad.to(dw.dtype)).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
-              l2_factor: Optional[float] = None) -> tuple[torch.Tensor, int]:
+              l2_factor: Optional[float] = None, compiled: bool = False) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy of `h @ weight.T` ([N, C] x [V, C]) against `targets` ([N], IGNORE_INDEX skipped),
-    the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. Returns (loss, number of targets)."""
+    the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. `compiled`: each slice's softmax,
+    loss and gradient go through torch.compile (`slice_grad`; `train.compile`). Returns (loss, number of
+    targets)."""
     count = int((targets != IGNORE_INDEX).sum())
-    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count), count
+    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count, compiled), count

@@ -215,6 +215,7 @@ class RWKVModel(nn.Module):
         self._grad_ckpt_mode = "full"
         self._amp_dtype: Optional[torch.dtype] = None
         self._inference = False
+        self._compiled_head = False
         self.reset_parameters()
 
     # ---- initialisation and switches --------------------------------------------------------
@@ -260,6 +261,15 @@ class RWKVModel(nn.Module):
         if dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"enable_mixed_precision: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         self._amp_dtype = dtype
+        return self
+
+    def compile_for_training(self) -> "RWKVModel":
+        """torch.compile each block (Module.compile: parameter names and checkpoints stay as they are) and the
+        training head's per-slice softmax, loss and gradient (model/head_loss.py). What compiling buys is
+        the fused elementwise work; the Python chunk loop and the head's matrix products stay eager."""
+        for blk in self.blocks:
+            blk.compile()
+        self._compiled_head = True
         return self
 
     def enable_state_compression(self, scheme: Optional[str] = None) -> "RWKVModel":
@@ -376,7 +386,7 @@ class RWKVModel(nn.Module):
                     # Training: the logits are never kept (model/head_loss.py); L2Wrap is folded in.
                     dt = self._amp_dtype if amp else self.head.weight.dtype
                     loss_mean, count = head_loss(h.reshape(B * T, -1), self.head.weight, targets.reshape(-1), dt,
-                                                 1e-4 / max(1, B * T) if l2wrap else None)
+                                                 1e-4 / max(1, B * T) if l2wrap else None, self._compiled_head)
                     logits = None
                 else:
                     logits = self.head(h)

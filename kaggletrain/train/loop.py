@@ -135,10 +135,7 @@ class Trainer:
             if self.device.type != "cuda":
                 raise ConfigError(f"train.compile: true needs a CUDA device (got device '{self.device.type}'); "
                                   "on CPU, compiling takes minutes and is not supported here")
-            # Per block, so parameter names, checkpoints and the Python chunk loop stay as they are;
-            # the fused elementwise work inside each block is where compiling pays.
-            for blk in model.blocks:
-                blk.compile()
+            model.compile_for_training()
         self.fsdp = self.dist.enabled and t.distributed == "fsdp"
         if self.fsdp:
             from kaggletrain.train.fsdp import apply_fsdp
