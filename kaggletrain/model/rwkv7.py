@@ -49,6 +49,11 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor | None, valid: torch.Tensor 
     (or `prev`), and the carried state is the last real token's x.
     """
     B, T, C = x.shape
+    if prev is None and valid is None and torch.compiler.is_compiling():
+        # Under torch.compile a zero pad, not a concatenation with zeros (same values): inductor reads a pad
+        # as a masked load inside the lerps' kernel, where a concatenation is a separate copy of x (eager
+        # mode copies either way and its pad backward costs a little more, so it keeps the concatenation).
+        return F.pad(x[:, :-1], (0, 0, 1, 0)), x[:, -1]
     if prev is None:
         prev = x.new_zeros(B, C)
     prev = prev.to(x.dtype)
@@ -219,7 +224,16 @@ class RWKV7TimeMix(nn.Module):
         # ln_x in float32 with float32 affine parameters, also when the weights are half precision
         # (optimize_for_inference(dtype)): CPU group_norm refuses mixed dtypes.
         lnx = self.ln_x
-        y = F.group_norm(up(y).reshape(B * T, C), lnx.num_groups, up(lnx.weight), up(lnx.bias), lnx.eps).view(B, T, C)
+        if torch.compiler.is_compiling():
+            # The same normalisation per head, written out: inductor's group_norm lowering materialises the
+            # per-token scale and shift as two float32 [B, T, C] tensors (16 bytes x C written and read again);
+            # this form stays in one fused kernel. Eager mode keeps ATen's single-pass group_norm.
+            yh = up(y).view(B, T, H, N)
+            var, mean = torch.var_mean(yh, dim=-1, keepdim=True, correction=0)
+            y = ((yh - mean) * torch.rsqrt(var + lnx.eps)).view(B, T, C) * up(lnx.weight) + up(lnx.bias)
+        else:
+            y = F.group_norm(up(y).reshape(B * T, C), lnx.num_groups, up(lnx.weight), up(lnx.bias),
+                             lnx.eps).view(B, T, C)
         # Under autocast the normalised y is rounded once to the autocast dtype, as the LayerNorm outputs are
         # (amp_input), and the bonus term and the gate run in it, as in the official bf16 trainer: the output
         # projection takes its input in that dtype anyway. Without autocast: float32, unchanged.
