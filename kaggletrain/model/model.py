@@ -263,12 +263,18 @@ class RWKVModel(nn.Module):
         self._amp_dtype = dtype
         return self
 
-    def compile_for_training(self) -> "RWKVModel":
+    def compile_for_training(self, backend: str = "inductor") -> "RWKVModel":
         """torch.compile each block (Module.compile: parameter names and checkpoints stay as they are) and the
         training head's per-slice softmax, loss and gradient (model/head_loss.py). What compiling buys is
         the fused elementwise work; the Python chunk loop and the head's matrix products stay eager."""
+        # Dynamo keeps up to `recompile_limit` (8) versions of the blocks' shared forward, then runs eager. A
+        # plain step needs 2 (block 0 starts v_first), chunked training up to 16 (v_first x carried state or
+        # not x grad mode, for the chunks' no-grad pass and their recomputation x the overlap split or not).
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 32))
         for blk in self.blocks:
-            blk.compile()
+            blk.compile(backend=backend)
         self._compiled_head = True
         return self
 
