@@ -193,7 +193,8 @@ class TrainConfig:
         False, "torch.autograd anomaly detection: finds the op producing NaN/inf (slow; debugging only)."
     )
     compile: bool = _f(False, "torch.compile each block and the head's loss slices (faster steps on GPU after a "
-                              "compile warm-up of a minute or so). CUDA only.")
+                              "compile warm-up of a minute or so; if torch.compile fails, one warning and eager "
+                              "mode). CUDA only.")
 
     def micro_batch(self, world_size: int = 1) -> int:
         """Sequences per process per forward pass for `world_size` processes."""

@@ -175,3 +175,34 @@ def test_compile_on_cpu_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "train.compile" in proc.stderr and "CUDA" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path):
+    """train.compile where torch.compile cannot work (here a backend that fails the way a missing compiler or
+    an unsupported GPU does): one RuntimeWarning naming the error, compiling is turned off and the step runs
+    again eagerly -- the same losses as a trainer that never compiled, evaluation included."""
+    from kaggletrain.config import load_config
+    from kaggletrain.train.loop import Trainer
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("Triton needs a C compiler, none found")
+
+    torch._dynamo.reset()
+    results = []
+    for broken in (False, True):
+        (tmp_path / str(broken)).mkdir()
+        tr = Trainer(load_config(write_config(tmp_path / str(broken), max_steps=3)), resume=False,
+                     progress=False).setup()
+        try:
+            if broken:
+                tr.model.compile_for_training(backend=no_compiler)
+                with pytest.warns(RuntimeWarning, match="train.compile: torch.compile failed") as rec:
+                    first = tr.train_step()
+                assert len(rec) == 1 and "C compiler" in str(rec[0].message), [str(r.message) for r in rec]
+                assert not tr.model.compiled
+            else:
+                first = tr.train_step()
+            results.append((first.loss, tr.train_step().loss, tr.evaluate(max_batches=1)))
+        finally:
+            tr.close()
+    assert results[1] == results[0]

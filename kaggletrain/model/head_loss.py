@@ -44,19 +44,19 @@ def slice_grad(logits: torch.Tensor, tt: torch.Tensor, okf: torch.Tensor):
     return nll, g.to(logits.dtype), top.squeeze(1), where.squeeze(1)
 
 
-_COMPILED = None
+_COMPILED: dict = {}  # backend -> slice_grad compiled with it
 
 
-def _compiled_slice():
-    global _COMPILED
-    if _COMPILED is None:  # on first use: importing the module must not start inductor
-        _COMPILED = torch.compile(slice_grad, fullgraph=True)
-    return _COMPILED
+def _compiled_slice(backend: str):
+    fn = _COMPILED.get(backend)
+    if fn is None:  # on first use: importing the module must not start inductor
+        fn = _COMPILED[backend] = torch.compile(slice_grad, fullgraph=True, backend=backend)
+    return fn
 
 
 class HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, l2_factor, count, compiled):
+    def forward(ctx, h, weight, targets, dtype, l2_factor, count, backend):
         N, V = h.shape[0], weight.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(device_type=h.device.type, enabled=False):
@@ -73,9 +73,9 @@ class HeadLoss(torch.autograd.Function):
                 hs, t, ok = hb[i:i + step], targets[i:i + step], valid[i:i + step]
                 logits = hs @ wb.t()
                 tt = t.clamp_min(0)[:, None]
-                if compiled and need_grad:
+                if backend is not None and need_grad:
                     okf = ok.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-                    nll, gb, top, where = _compiled_slice()(logits, tt, okf)
+                    nll, gb, top, where = _compiled_slice(backend)(logits, tt, okf)
                     loss += nll.to(acc)
                 else:
                     logp = log_probs(logits)
@@ -122,10 +122,10 @@ class HeadLoss(torch.autograd.Function):
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
-              l2_factor: Optional[float] = None, compiled: bool = False) -> tuple[torch.Tensor, int]:
+              l2_factor: Optional[float] = None, compile_backend: Optional[str] = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy of `h @ weight.T` ([N, C] x [V, C]) against `targets` ([N], IGNORE_INDEX skipped),
-    the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. `compiled`: each slice's softmax,
-    loss and gradient go through torch.compile (`slice_grad`; `train.compile`). Returns (loss, number of
-    targets)."""
+    the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. `compile_backend` (e.g. "inductor",
+    under `train.compile`): each slice's softmax, loss and gradient go through torch.compile (`slice_grad`).
+    Returns (loss, number of targets)."""
     count = int((targets != IGNORE_INDEX).sum())
-    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count, compiled), count
+    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count, compile_backend), count

@@ -215,7 +215,7 @@ class RWKVModel(nn.Module):
         self._grad_ckpt_mode = "full"
         self._amp_dtype: Optional[torch.dtype] = None
         self._inference = False
-        self._compiled_head = False
+        self._compiled: Optional[str] = None  # the torch.compile backend of compile_for_training
         self.reset_parameters()
 
     # ---- initialisation and switches --------------------------------------------------------
@@ -275,7 +275,18 @@ class RWKVModel(nn.Module):
         setattr(cfg, name, max(getattr(cfg, name), 32))
         for blk in self.blocks:
             blk.compile(backend=backend)
-        self._compiled_head = True
+        self._compiled = backend
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def uncompile(self) -> "RWKVModel":
+        """Back to eager mode (undoes compile_for_training)."""
+        for blk in self.blocks:
+            blk._compiled_call_impl = None  # what Module.compile set
+        self._compiled = None
         return self
 
     def enable_state_compression(self, scheme: Optional[str] = None) -> "RWKVModel":
@@ -392,7 +403,7 @@ class RWKVModel(nn.Module):
                     # Training: the logits are never kept (model/head_loss.py); L2Wrap is folded in.
                     dt = self._amp_dtype if amp else self.head.weight.dtype
                     loss_mean, count = head_loss(h.reshape(B * T, -1), self.head.weight, targets.reshape(-1), dt,
-                                                 1e-4 / max(1, B * T) if l2wrap else None, self._compiled_head)
+                                                 1e-4 / max(1, B * T) if l2wrap else None, self._compiled)
                     logits = None
                 else:
                     logits = self.head(h)

@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -69,6 +70,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self._stop_signal: Optional[int] = None   # a signal this process received
         self._stop_agreed = False                   # some rank received one: every rank stops after this step
+        self._compile_ok = False                    # a compiled (train.compile) step has succeeded
 
     # ------------------------------------------------------------------------------------------
     def setup(self, *, out_dir_writable: bool = True) -> "Trainer":
@@ -305,6 +307,36 @@ class Trainer:
         return out.loss
 
     def train_step(self) -> StepResult:
+        return self._compile_fallback(self._train_step)
+
+    def _compile_fallback(self, fn):
+        """Runs `fn`; with train.compile, a failure of torch.compile (no working Triton or C compiler, a
+        graph inductor cannot lower, a wrong compiled gradient) turns compiling off with one warning and runs
+        `fn` again eagerly, as the CUDA kernel's loader falls back to PyTorch. Until the first compiled step
+        has succeeded any error counts (the eager retry raises it again if it is not the compiler's);
+        after that, torch.compile's own errors (recompiling for a new shape, evaluation)."""
+        if not self.model.compiled:
+            return fn()
+        try:
+            out = fn()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self._compile_ok and not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                raise
+            root = e  # BackendCompilerFailed wraps what the compiler raised
+            while getattr(root, "inner_exception", None) or root.__cause__:
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
+            warnings.warn(f"train.compile: torch.compile failed ({type(root).__name__}: {first}); training goes "
+                          f"on without compiling (eager mode, slower)", RuntimeWarning, stacklevel=2)
+            self.model.uncompile()
+            self.optimizer.zero_grad(set_to_none=True)  # what the failed step's backward may have added
+            return fn()
+        self._compile_ok = True
+        return out
+
+    def _train_step(self) -> StepResult:
         t = self.cfg.train
         t0, c0 = time.perf_counter(), time.process_time()
         lr = lr_at(self.step, lr=t.lr, min_lr=t.final_lr(), warmup=t.warmup_steps, total=t.max_steps,
@@ -350,8 +382,11 @@ class Trainer:
         return StepResult(loss_val, lr, x.numel() * self.dist.world_size, time.perf_counter() - t0, skipped,
                           time.process_time() - c0)
 
-    @torch.no_grad()
     def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
+        return self._compile_fallback(lambda: self._evaluate(max_batches))
+
+    @torch.no_grad()
+    def _evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
         """Mean validation loss over fixed windows (the same windows at every evaluation).
 
         Under torchrun every rank must call it: each rank evaluates `eval_batches` micro-batches of its own
