@@ -94,6 +94,14 @@ def test_unknown_suite_is_a_user_error(capsys):
     assert "unknown suite 'nope'" in capsys.readouterr().err
 
 
+def test_compile_without_a_gpu_is_a_user_error(capsys, tmp_path):
+    from kaggletrain.cli import main
+
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--compile", "--out", str(tmp_path)]) == 2
+    assert "--compile needs a CUDA device (got device 'cpu')" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+
+
 def test_stats_median_quartiles_and_spread():
     s = stats([0.4, 0.1, 0.3, 0.2])
     assert s["median_s"] == pytest.approx(0.25) and s["min_s"] == 0.1 and s["max_s"] == 0.4

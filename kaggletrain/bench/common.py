@@ -15,6 +15,7 @@ class Context:
     repeats: int = 3          # timed runs per measurement
     warmup: int = 1           # untimed runs before them
     device_name: str = "cpu"
+    compile: bool = False     # train suite: models compiled as train.compile does (CUDA only)
 
     @property
     def cuda(self) -> bool:

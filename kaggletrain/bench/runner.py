@@ -69,6 +69,7 @@ def prime(ctx: Context) -> None:
 
 def run_suites(suites: list[str], *, device: torch.device, quick: bool = False, out_dir: Optional[Path] = None,
                repeats: Optional[int] = None, warmup: Optional[int] = None, command: str = "",
+               compile: bool = False,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Plan every suite, measure every point's peak memory, then time every point (in that order: see
     memory.py), then summarise, chart and write OUT/bench.json."""
@@ -76,13 +77,14 @@ def run_suites(suites: list[str], *, device: torch.device, quick: bool = False, 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     ctx = Context(device=device, quick=quick, device_name=name,
                   repeats=repeats or (3 if quick or device.type == "cpu" else 5),
-                  warmup=warmup if warmup is not None else (1 if quick or device.type == "cpu" else 2))
+                  warmup=warmup if warmup is not None else (1 if quick or device.type == "cpu" else 2),
+                  compile=compile)
     doc = {
         "format": FORMAT,
         "command": command,
         "machine": describe(device),
         "settings": {"quick": quick, "device": str(device), "repeats": ctx.repeats, "warmup": ctx.warmup,
-                     "suites": list(suites)},
+                     "suites": list(suites), "compile": compile},
         "method": {
             "timing": f"each timed call: {ctx.warmup} untimed warm-up run(s), then {ctx.repeats} timed runs (fewer "
                       "when runs are very slow), " + ("torch.cuda.synchronize() after each; " if device.type == "cuda"

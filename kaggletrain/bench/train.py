@@ -1,7 +1,8 @@
 """Suite `train`: one full optimizer step (forward, backward, clip, AdamW) for model sizes from tiny up.
 
 The step is the training loop's (workloads.TrainStep) on random tokens, in the precision `auto` picks
-(fp32 on CPU, bf16 or fp16 on a GPU). Peak memory covers weights, gradients, AdamW state and activations.
+(fp32 on CPU, bf16 or fp16 on a GPU); with `--compile`, on a GPU, the model compiled as `train.compile` does
+(the untimed warm-up runs compile it). Peak memory covers weights, gradients, AdamW state and activations.
 MFU (GPU only, known GPUs only) = 6 x matmul parameters (all but the embedding) x tokens/s / peak
 fp16/bf16 FLOP/s; the WKV recurrence's own FLOPs are not counted, so it slightly understates.
 A size that does not fit in GPU memory is reported as such.
@@ -21,12 +22,15 @@ def plan(ctx: Context) -> list[dict]:
         sizes, B, T = (["tiny", "0.1b"], 2, 256) if ctx.quick else (["0.1b", "0.4b", "1.5b"], 8, 1024)
     else:
         sizes, B, T = (["tiny"], 2, 64) if ctx.quick else (["tiny", "small", "medium"], 4, 256)
-    return [{"label": f"{s} B={B} T={T}", "size": s, **SIZES[s], "B": B, "T": T, "precision": ctx.train_precision}
-            for s in sizes]
+    tag = " compiled" if ctx.compile else ""
+    return [{"label": f"{s} B={B} T={T}{tag}", "size": s, **SIZES[s], "B": B, "T": T, "precision": ctx.train_precision,
+             "compiled": ctx.compile} for s in sizes]
 
 
 def build(spec: dict, ctx: Context) -> Bench:
     model = build_model(spec["size"], ctx.device)
+    if spec.get("compiled"):
+        model.compile_for_training()  # as train.compile does; the warm-up runs include the compilation
     step = TrainStep(model, ctx.device, batch=spec["B"], seq_len=spec["T"], precision=spec["precision"])
     return Bench({"step": step}, {"step": step.tokens},
                  info={"params": model.num_parameters(), "matmul_params": matmul_params(model)},

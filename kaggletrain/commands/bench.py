@@ -26,6 +26,8 @@ def bench(
                                           help="CPU threads for torch (default: torch's choice)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed runs per measurement "
                                           "(default 3 on CPU, 5 on GPU)."),
+    compile: bool = typer.Option(False, "--compile", help="Train suite: compile the model as train.compile does "
+                                 "(CUDA only; the warm-up runs include the compilation)."),
 ):
     """Benchmark the WKV operator, training steps, the optimisation switches, inference and long context.
 
@@ -41,16 +43,20 @@ def bench(
         raise KaggletrainError(f"unknown suite {unknown[0]!r}; expected some of: {', '.join(SUITES)}")
     import torch
 
+    from kaggletrain.bench.runner import failures, resolve_device, run_suites
+
+    dev = resolve_device(device)
+    if compile and dev.type != "cuda":
+        raise KaggletrainError(f"--compile needs a CUDA device (got device '{dev.type}'), as train.compile does")
     if threads is not None:
         torch.set_num_threads(threads)
     from kaggletrain.bench.report import render
-    from kaggletrain.bench.runner import failures, resolve_device, run_suites
 
     command = " ".join(["kaggletrain bench", *chosen, *(["--quick"] if quick else []), "--device", device,
                         *([f"--threads {threads}"] if threads else []), *([f"--repeats {repeats}"] if repeats else []),
-                        "--out", shlex.quote(str(out))])
-    doc = run_suites(chosen, device=resolve_device(device), quick=quick, out_dir=out, repeats=repeats,
-                     command=command)
+                        *(["--compile"] if compile else []), "--out", shlex.quote(str(out))])
+    doc = run_suites(chosen, device=dev, quick=quick, out_dir=out, repeats=repeats, command=command,
+                     compile=compile)
     console = Console(stderr=json_out)
     if not console.is_terminal:
         console.width = 160  # a log file: rich's default of 80 columns would wrap every table cell
