@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--grad-ckpt", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block and the head's slices (as train.compile does)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each block and the head's slices (as train.compile does)")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="after timing, profile one step and print the K most expensive CUDA kernels")
     ap.add_argument("--json", default=None)
