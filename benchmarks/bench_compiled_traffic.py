@@ -176,30 +176,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.head:
-        res = head_per_token(args.width, args.vocab)
-        for mode in ("eager", "compiled"):
-            r = res[mode]
-            print(f"head {mode:9s} non-matmul traffic: {r['bytes_per_token'] / 1e3:8.1f} kB per token "
-                  f"(= {r['bytes_per_token'] / args.vocab:.1f} bytes x V)")
-            for t in r["top"][:6]:
-                print(f"    {t['bytes_per_token'] / 1e3:8.1f} kB  {t['what']}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
-    res = per_token(args.width, args.layers)
+        res, key, unit, per = head_per_token(args.width, args.vocab), "bytes_per_token", "V", args.vocab
+    else:
+        res, key, unit, per = per_token(args.width, args.layers), "bytes_per_token_per_layer", "C", args.width
     for mode in ("eager", "compiled"):
         r = res[mode]
-        print(f"{mode:9s} non-matmul traffic: {r['bytes_per_token_per_layer'] / 1e3:8.1f} kB per token per layer "
-              f"(= {r['bytes_per_token_per_layer'] / args.width:.0f} bytes x C)")
+        print(f"{'head ' if args.head else ''}{mode:9s} non-matmul traffic: {r[key] / 1e3:8.1f} kB per token"
+              f"{'' if args.head else ' per layer'} (= {r[key] / per:.1f} bytes x {unit})")
         for t in r["top"][:8]:
-            print(f"    {t['bytes_per_token_per_layer'] / 1e3:8.1f} kB  {t['what']}")
-    print(f"eager / compiled: {res['ratio']:.2f}x")
+            print(f"    {t[key] / 1e3:8.1f} kB  {t['what']}")
+    if "ratio" in res:
+        print(f"eager / compiled: {res['ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

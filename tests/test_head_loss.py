@@ -80,19 +80,26 @@ def test_no_gradient_needed_computes_the_loss_only():
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t), rtol=1e-6, atol=1e-6)
 
 
+def _sliced_case(seed, monkeypatch):
+    """70 tokens, vocabulary 3000, in slices of 16 rows (the last one shorter); every sixth target ignored."""
+    monkeypatch.setattr(hl, "SLICE_BYTES", 16 * 4 * 3000)
+    g = torch.Generator().manual_seed(seed)
+    N, C, V = 70, 32, 3000
+    h = torch.randn(N, C, generator=g) * 2
+    w = torch.randn(V, C, generator=g) * 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::6] = hl.IGNORE_INDEX
+    return h, w, t
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_head_is_as_accurate_as_the_plain_head_in_that_precision(dtype, monkeypatch):
     """fp16/bf16 products: the fused head (softmax straight to the half-precision gradient, the target column
     formed in float32) and the plain one (head in `dtype` -> float32 cross-entropy -> L2Wrap, autograd), both
     against the float64 head. Same loss; gradients no further from float64 than the plain head's. Several
     slices, ignored targets."""
-    monkeypatch.setattr(hl, "SLICE_BYTES", 16 * 4 * 3000)
-    g = torch.Generator().manual_seed(11)
-    N, C, V = 70, 32, 3000
-    h = torch.randn(N, C, generator=g) * 2
-    w = torch.randn(V, C, generator=g) * 0.5
-    t = torch.randint(0, V, (N,), generator=g)
-    t[::6] = hl.IGNORE_INDEX
+    h, w, t = _sliced_case(11, monkeypatch)
+    N = h.shape[0]
 
     def plain(dt):
         acc = torch.float64 if dt == torch.float64 else torch.float32
@@ -120,15 +127,10 @@ def test_compiled_slices_match_the_eager_head(dtype, monkeypatch):
     """`compile_backend="inductor"` (train.compile) runs each slice's softmax, loss and gradient through torch.compile
     (inductor, here its CPU backend). Same loss and gradients as the eager slices: the same arithmetic, fused.
     Several slices and a shorter last one (a second compiled shape), ignored targets, L2Wrap on."""
-    monkeypatch.setattr(hl, "SLICE_BYTES", 16 * 4 * 3000)
     monkeypatch.setattr(hl, "_COMPILED", {})
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(5)
-    N, C, V = 70, 32, 3000
-    h = torch.randn(N, C, generator=g) * 2
-    w = torch.randn(V, C, generator=g) * 0.5
-    t = torch.randint(0, V, (N,), generator=g)
-    t[::6] = hl.IGNORE_INDEX
+    h, w, t = _sliced_case(5, monkeypatch)
+    N = h.shape[0]
     got = []
     for compiled in (False, True):
         h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
