@@ -192,5 +192,6 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=1)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         from rwkv_cuda import build_info, kernel_available
 
         if not torch.cuda.is_available() or not kernel_available(64):
-            print(f"sanitize_wkv: no CUDA kernel to check ({build_info()['error'] if torch.cuda.is_available() else 'no GPU'})")
+            why = build_info()["error"] if torch.cuda.is_available() else "no GPU"
+            print(f"sanitize_wkv: no CUDA kernel to check ({why})")
             return 2
     bad = sweep(args, device)
     print(f"sanitize_wkv: {bad} combination(s) with non-finite outputs")

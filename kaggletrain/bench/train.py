@@ -23,13 +23,13 @@ def plan(ctx: Context) -> list[dict]:
     else:
         sizes, B, T = (["tiny"], 2, 64) if ctx.quick else (["tiny", "small", "medium"], 4, 256)
     tag = " compiled" if ctx.compile else ""
-    return [{"label": f"{s} B={B} T={T}{tag}", "size": s, **SIZES[s], "B": B, "T": T, "precision": ctx.train_precision,
-             "compiled": ctx.compile} for s in sizes]
+    return [{"label": f"{s} B={B} T={T}{tag}", "size": s, **SIZES[s], "B": B, "T": T, "precision": ctx.train_precision}
+            for s in sizes]
 
 
 def build(spec: dict, ctx: Context) -> Bench:
     model = build_model(spec["size"], ctx.device)
-    if spec.get("compiled"):
+    if ctx.compile:
         model.compile_for_training()  # as train.compile does; the warm-up runs include the compilation
     step = TrainStep(model, ctx.device, batch=spec["B"], seq_len=spec["T"], precision=spec["precision"])
     return Bench({"step": step}, {"step": step.tokens},
