@@ -206,3 +206,36 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path):
         finally:
             tr.close()
     assert results[1] == results[0]
+
+
+def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compiler_failure(tmp_path):
+    """An allocation that fails while a compiled step runs (here a real one: the CPU allocator refuses 2^62
+    bytes) is the batch's problem, not the compiler's: compiling stays on, no fallback warning, and fit()
+    stops with the one-line out-of-memory error that names the micro batch and the dry run."""
+    import warnings
+
+    from kaggletrain.config import load_config
+    from kaggletrain.train.loop import Trainer, TrainingError
+
+    def allocates_too_much(gm, example_inputs):
+        def run(*args):
+            torch.empty(1 << 62, dtype=torch.uint8)
+            return gm(*args)
+        return run
+
+    torch._dynamo.reset()
+    cfg_path = write_config(tmp_path, max_steps=3)
+    tr = Trainer(load_config(cfg_path), resume=False, progress=False).setup()
+    try:
+        tr.model.compile_for_training(backend=allocates_too_much)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(TrainingError, match="out of memory in training step 1 on cpu") as exc:
+                tr.fit()
+        assert tr.model.compiled
+        msg = str(exc.value)
+        assert "can't allocate memory" in msg and f"kaggletrain train {cfg_path} --dry-run" in msg, msg
+        assert "train.micro_batch_size=4 x train.seq_len=32" in msg, msg
+    finally:
+        tr.close()
+        torch._dynamo.reset()

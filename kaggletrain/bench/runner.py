@@ -23,6 +23,7 @@ from kaggletrain.bench.common import Context, fmt_bytes, fmt_time
 from kaggletrain.bench.machine import describe, load_avg
 from kaggletrain.bench.memory import PeakMemory, cpu_method, release
 from kaggletrain.bench.timing import sync, time_fn
+from kaggletrain.train.out_of_memory import is_out_of_memory
 
 SUITES = ("wkv", "train", "optim", "infer", "context")
 FORMAT = "kaggletrain-bench/1"
@@ -129,10 +130,11 @@ def _attempt(row: dict, fn: Callable[[], None]) -> None:
     """Run one phase of a point; a failure is recorded in the row (and the point's later phases skipped)."""
     try:
         fn()
-    except torch.cuda.OutOfMemoryError:
-        row["oom"] = True
     except Exception as e:  # one failing point must not lose the others; reported, and the exit code is 1
-        row["error"] = f"{type(e).__name__}: {e}"
+        if is_out_of_memory(e):
+            row["oom"] = True
+        else:
+            row["error"] = f"{type(e).__name__}: {e}"
 
 
 def _memory_pass(sname: str, mod, row: dict, ctx: Context, log) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kaggletrain.train.out_of_memory import describe, is_out_of_memory
+
 KAGGLE_SESSION_HOURS = 12.0
 T4_MEMORY_GB = 16.0
 # Optimizer-state bytes per trainable parameter: fp32 weight + grad + AdamW exp_avg + exp_avg_sq.
@@ -82,8 +84,11 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             val = trainer.evaluate(max_batches=1)
-        except torch.cuda.OutOfMemoryError:  # evaluation at the configured batch does not fit either
-            val, oom = None, oom or "out of memory in the evaluation batch"
+        except Exception as e:  # evaluation at the configured batch may not fit either
+            if not is_out_of_memory(e):
+                raise
+            val, oom = None, oom or f"out of memory in the evaluation batch: {describe(e)}"
+            del e
             _release()
         eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
@@ -101,8 +106,8 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
 
 
 def _run_steps(trainer, steps, times, cpu_times, losses, ends) -> str | None:
-    """The measured steps; the first line of a CUDA out-of-memory error, or None. The error is turned into a
-    string here, so that no frame of the failed step (and none of its tensors) outlives this function."""
+    """The measured steps; the first line of an out-of-memory error (GPU or CPU), or None. The error is turned
+    into a string here, so that no frame of the failed step (and none of its tensors) outlives this function."""
     try:
         for _ in range(steps):
             res = trainer.train_step()
@@ -110,9 +115,11 @@ def _run_steps(trainer, steps, times, cpu_times, losses, ends) -> str | None:
             times.append(res.seconds)
             cpu_times.append(res.cpu_seconds)
             losses.append(res.loss)
-    except torch.cuda.OutOfMemoryError as e:
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
         trainer.optimizer.zero_grad(set_to_none=True)
-        return str(e).splitlines()[0] or "CUDA out of memory"
+        return describe(e)
     return None
 
 
@@ -201,7 +208,7 @@ def _cpu_name() -> str:
 
 
 def _search_fitting_batch(cfg, world: int) -> dict:
-    """After an OOM: halve the per-GPU micro batch until two steps fit; if none does, the same with gradient
+    """After an OOM: halve the per-device micro batch until two steps fit; if none does, the same with gradient
     checkpointing on. Each probe is a fresh trainer running steps only (`dry_run(_trial=True)`)."""
     micro = cfg.train.micro_batch(world)
     tried = []

@@ -27,6 +27,7 @@ from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, broadcast_o
                                            optimizer_state_to_fqn, raise_if_any_failed)
 from kaggletrain.train.metrics import MetricsWriter, plot_loss
 from kaggletrain.train.optim import build_optimizer, lr_at, set_lr
+from kaggletrain.train.out_of_memory import describe, is_out_of_memory
 from kaggletrain.train.precision import resolve_device, resolve_precision
 
 MAX_NONFINITE_STEPS = 3
@@ -319,10 +320,8 @@ class Trainer:
             return fn()
         try:
             out = fn()
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:
-            if self._compile_ok and not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+            if is_out_of_memory(e) or (self._compile_ok and not isinstance(e, torch._dynamo.exc.TorchDynamoException)):
                 raise
             root = e  # BackendCompilerFailed wraps what the compiler raised
             while getattr(root, "inner_exception", None) or root.__cause__:
@@ -455,7 +454,12 @@ class Trainer:
         try:
             with progress:
                 while self.step < t.max_steps:
-                    res = self.train_step()
+                    try:
+                        res = self.train_step()
+                    except Exception as e:
+                        if not is_out_of_memory(e):
+                            raise
+                        raise self._out_of_memory(e, f"training step {self.step + 1}", last_ckpt) from e
                     if not math.isfinite(res.loss) and not self.scaler.is_enabled():
                         nonfinite += 1
                         if nonfinite >= MAX_NONFINITE_STEPS:
@@ -482,7 +486,13 @@ class Trainer:
                     do_eval = not self._stop_agreed and (
                         self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
                     if do_eval:  # every rank evaluates its share; rank 0 logs
-                        val_loss = self.evaluate()
+                        try:
+                            val_loss = self.evaluate()
+                        except Exception as e:
+                            if not is_out_of_memory(e):
+                                raise
+                            raise self._out_of_memory(e, f"the evaluation after step {self.step}",
+                                                      last_ckpt) from e
                         record["val_loss"] = val_loss
                     if is_main and (self.step % cfg.logging.log_interval == 0 or "val_loss" in record
                                     or self.step == t.max_steps):
@@ -516,6 +526,17 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(
                 {k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
         return summary
+
+    def _out_of_memory(self, e: BaseException, where: str, last_ckpt) -> TrainingError:
+        """One line for a run that does not fit the device: what ran out, with which settings, and how to find
+        settings that fit (the dry run's batch search)."""
+        t = self.cfg.train
+        config = self.cfg.source or "CONFIG"
+        return TrainingError(
+            f"out of memory in {where} on {self.device} (train.micro_batch_size={self.micro} x train.seq_len="
+            f"{t.seq_len}, {self.precision.name}): {describe(e)}. `kaggletrain train {config} --dry-run` finds a "
+            f"micro batch that fits; train.gradient_checkpointing=true or train.use_chunking=true also cut "
+            f"activation memory. Last checkpoint: {last_ckpt or 'none from this run'}")
 
     def close(self) -> None:
         cleanup(self.dist)
