@@ -128,7 +128,8 @@ def test_operator_outputs_and_state_gradient_only_when_needed(emulate):
 
 def test_rwkv_blocks_compile_as_one_graph_around_the_operator(emulate):
     """The model's own block code traces in full (fullgraph: any graph break is an error) under bf16 autocast
-    with the WKV as the operator pair, and gives eager mode's loss and gradients (aot_eager runs the same ops)."""
+    with the WKV as the operator pair, and gives eager mode's loss and gradients (aot_eager runs the same ops,
+    to bf16 rounding)."""
     from kaggletrain import RWKVModel
     from tiny_models import make_model, train_step  # tests/tiny_models.py
 
@@ -143,10 +144,14 @@ def test_rwkv_blocks_compile_as_one_graph_around_the_operator(emulate):
     x = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(7))
     losses = [train_step(m, x) for m in (eager, comp)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    # Per parameter, relative L2: bf16 products rounded in another order move single elements by more than any
+    # elementwise tolerance (with one thread, 4 of emb.weight's 12416 elements by 2.5e-4). Measured: <= 0.4%
+    # (one thread; 2e-7 with two), where bf16 itself is 1.6% from float32; a wrong gradient is off by ~100%.
     for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
         assert (pe.grad is None) == (pc.grad is None), name
         if pe.grad is not None:
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=2e-2, atol=1e-4, msg=name)
+            rel = ((pc.grad - pe.grad).norm() / pe.grad.norm().clamp_min(1e-12)).item()
+            assert rel < 1e-2, f"{name}: compiled gradient {rel:.1e} (relative L2) from eager's"
 
 
 def test_sanitizer_driver_runs_every_requested_combination(emulate, monkeypatch, capsys):
