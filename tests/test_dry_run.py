@@ -154,8 +154,9 @@ def test_dry_run_warns_when_another_process_takes_the_core(tmp_path):
 
 def test_out_of_memory_search_halves_the_micro_batch_without_nesting(tmp_path, monkeypatch):
     """A CUDA out-of-memory error cannot be produced on this CPU machine, so the step raises it above a
-    micro batch of 2 (what a too-small GPU does; the CPU allocator's own failure is real in the test below). The dry run reports it and answers with the largest
-    micro batch that fits, found by probes that run steps only and never search again themselves."""
+    micro batch of 2 (what a too-small GPU does; the CPU allocator's own failure is real in the test below).
+    The dry run reports it and answers with the largest micro batch that fits, found by probes that run steps
+    only and never search again themselves."""
     import torch
 
     from kaggletrain.config import load_config
@@ -207,9 +208,9 @@ sys.exit(kaggletrain.cli.main(sys.argv[2:]))
 def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
     """No simulated error: the run's address space is capped 700 MiB above the imports, so micro batches of
     8 x 2048 tokens really fail to allocate and 4 fit (measured on this VM: the dry run answers 4 for caps from
-    620 to 780 MiB, 2 below that, and 8 fits from 800). The dry run reports the failure and answers with 4, found by a probe; the real run at 8
-    stops with one line that says what ran out and how to find what fits; the answer (4) then trains under
-    the same cap."""
+    620 to 780 MiB, 2 below that, and 8 fits from 800). The dry run reports the failure and answers with 4,
+    found by a probe; the real run at 8 stops with one line that says what ran out and how to find what fits;
+    the answer (4) then trains under the same cap."""
     import random
 
     rng = random.Random(0)

@@ -454,12 +454,8 @@ class Trainer:
         try:
             with progress:
                 while self.step < t.max_steps:
-                    try:
+                    with self._out_of_memory_as_error(f"training step {self.step + 1}", last_ckpt):
                         res = self.train_step()
-                    except Exception as e:
-                        if not is_out_of_memory(e):
-                            raise
-                        raise self._out_of_memory(e, f"training step {self.step + 1}", last_ckpt) from e
                     if not math.isfinite(res.loss) and not self.scaler.is_enabled():
                         nonfinite += 1
                         if nonfinite >= MAX_NONFINITE_STEPS:
@@ -486,13 +482,8 @@ class Trainer:
                     do_eval = not self._stop_agreed and (
                         self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
                     if do_eval:  # every rank evaluates its share; rank 0 logs
-                        try:
+                        with self._out_of_memory_as_error(f"the evaluation after step {self.step}", last_ckpt):
                             val_loss = self.evaluate()
-                        except Exception as e:
-                            if not is_out_of_memory(e):
-                                raise
-                            raise self._out_of_memory(e, f"the evaluation after step {self.step}",
-                                                      last_ckpt) from e
                         record["val_loss"] = val_loss
                     if is_main and (self.step % cfg.logging.log_interval == 0 or "val_loss" in record
                                     or self.step == t.max_steps):
@@ -527,16 +518,22 @@ class Trainer:
                 {k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
         return summary
 
-    def _out_of_memory(self, e: BaseException, where: str, last_ckpt) -> TrainingError:
-        """One line for a run that does not fit the device: what ran out, with which settings, and how to find
-        settings that fit (the dry run's batch search)."""
-        t = self.cfg.train
-        config = self.cfg.source or "CONFIG"
-        return TrainingError(
-            f"out of memory in {where} on {self.device} (train.micro_batch_size={self.micro} x train.seq_len="
-            f"{t.seq_len}, {self.precision.name}): {describe(e)}. `kaggletrain train {config} --dry-run` finds a "
-            f"micro batch that fits; train.gradient_checkpointing=true or train.use_chunking=true also cut "
-            f"activation memory. Last checkpoint: {last_ckpt or 'none from this run'}")
+    @contextlib.contextmanager
+    def _out_of_memory_as_error(self, where: str, last_ckpt):
+        """An out-of-memory error inside becomes one line for a run that does not fit the device: what ran out,
+        with which settings, and how to find settings that fit (the dry run's batch search)."""
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            t = self.cfg.train
+            raise TrainingError(
+                f"out of memory in {where} on {self.device} (train.micro_batch_size={self.micro} x train.seq_len="
+                f"{t.seq_len}, {self.precision.name}): {describe(e)}. `kaggletrain train {self.cfg.source or 'CONFIG'}"
+                f" --dry-run` finds a micro batch that fits; train.gradient_checkpointing=true or "
+                f"train.use_chunking=true also cut activation memory. Last checkpoint: "
+                f"{last_ckpt or 'none from this run'}") from e
 
     def close(self) -> None:
         cleanup(self.dist)
