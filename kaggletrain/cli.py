@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from kaggletrain.errors import KaggletrainError, RankFailed
+from kaggletrain.train.out_of_memory import describe, is_out_of_memory
 
 app = typer.Typer(
     name="kaggletrain",
@@ -46,9 +47,9 @@ _ENV_ERRNOS = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EFBIG: "file size limit
 
 
 def environment_error(e: BaseException) -> Optional[str]:
-    """One line for a read or write that failed by the machine's doing (disk full, read-only, no permission),
-    or None for anything else (a bug: it keeps its traceback). Also recognises the non-OSError exceptions
-    that safetensors ("... (os error 28)") and torch.save ("unexpected pos", "failed writing") raise."""
+    """One line for what failed by the machine's doing (disk full, read-only, no permission, out of memory), or
+    None for anything else (a bug: it keeps its traceback). Also recognises the non-OSError exceptions that
+    safetensors ("... (os error 28)") and torch.save ("unexpected pos", "failed writing") raise."""
     code = getattr(e, "errno", None) if isinstance(e, OSError) else None
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if code is None and type(e).__name__ == "SafetensorError":
@@ -61,6 +62,9 @@ def environment_error(e: BaseException) -> Optional[str]:
         return f"{str(where) + ': ' if where else ''}{what}" + (f" ({hint})" if hint else "")
     if isinstance(e, RuntimeError) and re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing", text):
         return f"writing a PyTorch file failed ({text[:160]}): out of disk space or a file size limit?"
+    if is_out_of_memory(e):  # (training says more: see Trainer._out_of_memory_as_error)
+        line = describe(e)
+        return line if line.startswith("out of memory") else f"out of memory: {line}"
     return None
 
 

@@ -186,6 +186,10 @@ def child(req):
         resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
     if req.get("hook"):
         install_kill_hook(req["hook"], req["marker"])
+    if req.get("memory_at_read"):
+        from memory_caps import cap_checkpoint_reads  # tests/memory_caps.py
+
+        cap_checkpoint_reads(req["memory_at_read"])
     try:
         rc = cli.main(req["argv"])
     except SystemExit as e:
@@ -243,7 +247,8 @@ class Zygote:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.n = 0
-        env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **CHILD_ENV,
+               "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
         self.log = open(workdir / "zygote.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env, cwd=workdir)
@@ -258,13 +263,13 @@ class Zygote:
         return json.loads(line)
 
     def start(self, *argv, cwd: Path | None = None, env: dict | None = None, unset=(), fsize: int | None = None,
-              hook: str | None = None) -> Run:
+              hook: str | None = None, memory_at_read: int | None = None) -> Run:
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
         marker = self.workdir / f"{self.n}.killed" if hook else None
         req = {"op": "run", "argv": [str(a) for a in argv], "cwd": str(cwd or self.workdir), "stdout": str(out),
                "stderr": str(err), "env": env or {}, "unset": list(unset), "fsize": fsize, "hook": hook,
-               "marker": str(marker) if marker else None}
+               "marker": str(marker) if marker else None, "memory_at_read": memory_at_read}
         return Run(self, self._ask(req)["pid"], out, err, marker)
 
     def run(self, *argv, **kw) -> Run:
@@ -793,6 +798,31 @@ def test_damaged_checkpoint_gives_one_clear_line(zygote, good_run, tmp_path, cas
     assert not marker.exists(), "the pickled code ran"
     assert not (tmp_path / "out.safetensors").exists()
     FIGURES.setdefault("bad_inputs", {})[f"checkpoint: {case}"] = lines
+
+
+def test_a_checkpoint_that_does_not_fit_in_memory_is_not_called_damaged(zygote, good_run, tmp_path):
+    """Reading a sound checkpoint with too little memory left (an official 7B .pth on a laptop, say) ends in one
+    line that says so, for every command that reads one; until now safetensors' ENOMEM was reported as a
+    truncated or corrupted file. The address space may grow by only 64 KiB while the file is opened, so mapping
+    the ~180 KB weights really fails. Nothing is written, and with memory again the run resumes."""
+    cfg, step3 = _copy_run(good_run, tmp_path)
+    before = file_hashes(step3)
+    lines = []
+    for c in "trge":
+        r = zygote.run(*_argv(c, cfg, step3, tmp_path), memory_at_read=64 * 1024)
+        line = no_traceback_one_line(r, "out of memory reading", str(step3 / "model.safetensors"))
+        assert "corrupt" not in line and "truncated" not in line, line
+        lines.append(f"{COMMANDS[c]}: {line}")
+    _assert_untouched(step3, before)
+    assert not (tmp_path / "out.safetensors").exists()
+    # The same weights as a .pth state dict, as official RWKV-LM checkpoints come (torch.load maps it): the same.
+    pth = tmp_path / "weights.pth"
+    torch.save(ckpt.load_model_state(step3), pth)
+    r = zygote.run("generate", pth, "-p", "The", "-n", "2", "--device", "cpu", memory_at_read=64 * 1024)
+    lines.append("generate (.pth): " + no_traceback_one_line(r, "out of memory reading", str(pth)))
+    r = zygote.run("train", cfg, "--resume")
+    assert r.rc == 0 and "resumed at step 3" in r.stdout, r.describe()
+    FIGURES.setdefault("bad_inputs", {})["checkpoint: sound, but out of memory while reading it"] = lines
 
 
 def test_checkpoint_of_another_model_shape(zygote, good_run, tmp_path):

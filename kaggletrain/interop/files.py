@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from kaggletrain.errors import CheckpointError
+from kaggletrain.train.out_of_memory import is_out_of_memory, reading
 
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80  # first byte of a pickle (protocol >= 2): torch's legacy, pre-zip format
@@ -87,6 +88,8 @@ def read_torch_file(path: Path) -> dict:
         # mmap keeps peak memory at one copy when the caller converts dtypes (zip format only).
         obj = torch.load(path, weights_only=True, map_location="cpu", mmap=(kind == "zip"))
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... depending on damage
+        if is_out_of_memory(e):  # a large official checkpoint on a small machine: not the file's fault
+            raise reading(path, e) from None
         msg = str(e)
         if "weights_only" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
             first = msg.strip().splitlines()[0][:200]
@@ -111,7 +114,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise reading(path, e) from None
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
     return tensors, meta
 

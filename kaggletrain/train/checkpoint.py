@@ -6,8 +6,8 @@ Layout of `<out_dir>/checkpoints/`:
 
 A checkpoint is written into a hidden temporary directory, flushed to disk, then renamed into place,
 and only then does `latest` move (itself via a temporary file + os.replace). A crash at any moment
-leaves the previous checkpoint and pointer intact; a write that fails (disk full, read-only) raises OSError
-and leaves them intact too. Temporaries left by a killed writer are removed by the next save, and pruned
+leaves the previous checkpoint and pointer intact; a write that fails (disk full, read-only) raises OSError,
+one that runs out of memory MemoryError, and both leave them intact too. Temporaries left by a killed writer are removed by the next save, and pruned
 checkpoints are first renamed out of sight, so a half-deleted directory is never taken for a checkpoint.
 Loading uses `torch.load(weights_only=True)`: a trainer_state.pt that holds pickled code is refused, never
 run. See docs/reliability.md.
@@ -28,8 +28,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+# Imported with this module, not at the first save: loading its compiled library maps memory, which a run
+# that is short of memory by then could not do (an ImportError mid-run instead of the out-of-memory error).
+import safetensors.torch
+from safetensors import SafetensorError
 
 from kaggletrain.errors import CheckpointError
+from kaggletrain.train.out_of_memory import describe, is_out_of_memory, reading
 
 FORMAT = "kaggletrain"
 FORMAT_VERSION = 1
@@ -65,10 +70,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_failure(path: Path, e: BaseException) -> OSError:
+def _write_failure(path: Path, e: BaseException) -> Exception:
     """safetensors (SafetensorError) and torch.save (RuntimeError) do not raise OSError when a write fails
     (disk full, file size limit, I/O error): turn those into an OSError naming the file, errno included
-    where the message carries one ("... (os error 28)")."""
+    where the message carries one ("... (os error 28)"). Out of memory stays an out-of-memory error."""
+    if is_out_of_memory(e):
+        return MemoryError(f"out of memory writing {path}: {describe(e)}")
     if isinstance(e, OSError):
         return e
     msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -137,8 +144,6 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
                     trainer_state: Optional[dict] = None, run_config_yaml: Optional[str] = None,
                     tokenizer: Optional[dict] = None, keep_last: int = 0) -> Path:
     """Write checkpoint `step` atomically under `ckpt_root`; move `latest`; prune to `keep_last`."""
-    from safetensors.torch import save_file
-
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(ckpt_root)
@@ -151,7 +156,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         try:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+            safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         except Exception as e:
             raise _write_failure(tmp / "model.safetensors", e) from None
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -278,15 +283,14 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 
 def load_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(ckpt_dir) / "model.safetensors"
     try:
-        return load_file(str(path))
+        return safetensors.torch.load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing weights file") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):  # mmap or a copy failed: the file is not to blame
+            raise reading(path, e) from None
         raise CheckpointError(f"{path}: truncated or corrupted weights ({str(e).splitlines()[0]})") from None
 
 
@@ -301,6 +305,8 @@ def load_trainer_state(ckpt_dir: Path) -> Optional[dict]:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure is a bad file, never executed code
+        if is_out_of_memory(e):
+            raise reading(path, e) from None
         msg = str(e).strip()
         if "Weights only load failed" in msg:  # torch's boilerplate, then the actual reason in its own paragraph
             paras = [p.strip() for p in msg.split("\n\n") if p.strip()]

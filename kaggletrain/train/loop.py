@@ -295,6 +295,8 @@ class Trainer:
                 trainer_state=trainer_state, run_config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
                 tokenizer=self.tokenizer.to_dict(), keep_last=c.keep_last)
         except OSError as e:
+            if is_out_of_memory(e):
+                raise
             raise TrainingError(f"{self.ckpt_root}: checkpoint write failed ({e.strerror or e}); "
                                 f"the previous checkpoint is intact") from None
         broadcast_object(str(path), self.dist)
@@ -493,7 +495,8 @@ class Trainer:
                     every = cfg.checkpoint.every_steps
                     if nonfinite == 0 and ((every and self.step % every == 0) or self.step == t.max_steps
                                            or self._stop_agreed):
-                        last_ckpt = self.save()  # never from weights that just gave a non-finite loss
+                        with self._out_of_memory_as_error(f"the checkpoint save at step {self.step}", last_ckpt):
+                            last_ckpt = self.save()  # never from weights that just gave a non-finite loss
                     if self._stop_agreed:
                         if is_main:
                             why = (f"signal {self._stop_signal}" if self._stop_signal

@@ -1,25 +1,46 @@
 """Recognising an out-of-memory error, on the GPU or the CPU.
 
 CUDA's allocator raises `torch.OutOfMemoryError`. The CPU allocator raises a plain RuntimeError
-("DefaultCPUAllocator: can't allocate memory"), and Python code (numpy, the data path) raises MemoryError:
-one test for all three, so that the dry run's batch search and the trainer's one-line error work on a
-laptop as on a GPU.
+("DefaultCPUAllocator: can't allocate memory"), Python code (numpy, the data path) raises MemoryError, and a
+failed mmap (safetensors reading a checkpoint) an error carrying ENOMEM ("Cannot allocate memory (os error 12)"):
+one test for all of them, so that the dry run's batch search and the one-line errors work on a laptop as on a GPU.
+Needs no torch import of its own: the CLI asks it about any error, also one raised before torch was imported.
 """
 
 from __future__ import annotations
 
-import torch
+import errno
+import os
+import sys
 
-# RuntimeError texts of allocations that failed: the CPU allocator's (both spellings torch has used), and
-# CUDA errors raised outside the caching allocator (cuBLAS workspaces, kernels' own buffers).
+# Texts of allocations that failed: the CPU allocator's (both spellings torch has used), CUDA errors raised
+# outside the caching allocator (cuBLAS workspaces, kernels' own buffers), and ENOMEM as Rust libraries
+# (safetensors) and C libraries word it.
 _MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
-             "CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+             "CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+             os.strerror(errno.ENOMEM), f"os error {errno.ENOMEM})")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
         return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in _MESSAGES)
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return True
+    # RuntimeError: torch's; SafetensorError (an Exception of its own): a checkpoint's mmap or write.
+    texty = isinstance(e, (RuntimeError, OSError)) or type(e).__name__ == "SafetensorError"
+    return texty and any(m in str(e) for m in _MESSAGES)
+
+
+def reading(path, e: BaseException) -> MemoryError:
+    """The error to raise when reading `path` ran out of memory, in place of a file reader's own (which would
+    call a sound file truncated or corrupt)."""
+    try:
+        size = os.path.getsize(path)
+        size_text = f" ({size / 2**30:.2f} GiB)" if size >= 2**30 else f" ({size / 2**20:.1f} MiB)"
+    except OSError:
+        size_text = ""
+    return MemoryError(f"out of memory reading {path}{size_text}: {describe(e)}")
 
 
 def describe(e: BaseException) -> str:
