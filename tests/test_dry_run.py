@@ -189,28 +189,38 @@ def test_out_of_memory_search_halves_the_micro_batch_without_nesting(tmp_path, m
 
 # Runs the CLI in a process whose address space is capped (RLIMIT_AS) `budget` bytes above what python, torch
 # and kaggletrain take once imported: the CPU allocator then fails as a GPU's does when a batch does not fit.
+# With $PEAK_FILE set, the run's address-space peak above the imports is written there at exit.
 LIMITED_CLI = r"""
-import resource, sys
+import atexit, os, sys
 import torch
 import kaggletrain.cli, kaggletrain.train.dry_run, kaggletrain.train.loop, kaggletrain.commands.train
+from memory_caps import cap_above_now, vm_size  # tests/memory_caps.py
 
-def vm_size():
+base = vm_size()
+cap_above_now(int(sys.argv[1]))
+
+def write_peak():
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmPeak:"))
+    with open(os.environ["PEAK_FILE"], "w") as f:
+        f.write(str(peak - base))
 
-limit = vm_size() + int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+if os.environ.get("PEAK_FILE"):
+    atexit.register(write_peak)
 sys.exit(kaggletrain.cli.main(sys.argv[2:]))
 """
+TESTS = Path(__file__).resolve().parent
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
-    """No simulated error: the run's address space is capped 700 MiB above the imports, so micro batches of
-    8 x 2048 tokens really fail to allocate and 4 fit (measured on this VM: the dry run answers 4 for caps from
-    620 to 780 MiB, 2 below that, and 8 fits from 800). The dry run reports the failure and answers with 4,
-    found by a probe; the real run at 8 stops with one line that says what ran out and how to find what fits;
-    the answer (4) then trains under the same cap."""
+def limited_cli(budget: int, *args, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(budget), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def oom_config(tmp_path: Path) -> Path:
+    """2 x 64 RWKV, micro batches of 8 x 2048 characters: the activations dominate what a step maps."""
     import random
 
     rng = random.Random(0)
@@ -223,11 +233,30 @@ def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
            "logging": {"progress": False}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
+    """No simulated error: the run's address space is capped halfway between what real runs at micro batches 4
+    and 8 map above the imports (measured first, uncapped), so micro batches of 8 x 2048 tokens really fail to
+    allocate and 4 fit. The dry run reports the failure and answers with 4, found by a probe; the real run at 8
+    stops with one line that says what ran out and how to find what fits; the answer (4) then trains under the
+    same cap. (A fixed cap did not carry across torch builds: 4 and 8 peaked 593 and 797 MiB above the imports
+    with torch 2.13's CPU build, 672 and 862 MiB with 2.11's CUDA build, where a 700 MiB cap left 4 no room.)"""
+    path = oom_config(tmp_path)
+    peaks = {}
+    for micro in (4, 8):
+        peak_file = tmp_path / f"peak{micro}"
+        proc = limited_cli(64 * 2**30, "train", path, f"train.micro_batch_size={micro}",
+                           f"out_dir={tmp_path / f'uncapped{micro}'}", PEAK_FILE=str(peak_file))
+        assert proc.returncode == 0, proc.stderr
+        peaks[micro] = int(peak_file.read_text())
+    assert peaks[8] - peaks[4] > 128 * 2**20, peaks  # else the micro batch would not decide what fits
+    budget = (peaks[4] + peaks[8]) // 2
 
     def limited(*args):
-        return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(700 * 2**20), *map(str, args)],
-                              capture_output=True, text=True, env=env, timeout=600)
+        return limited_cli(budget, *args)
 
     proc = limited("train", path, "--dry-run", "--steps", "2", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -246,3 +275,35 @@ def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
     proc = limited("train", path, "train.micro_batch_size=4")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+CAPPED_READS_CLI = r"""
+import sys
+import kaggletrain.cli
+from memory_caps import cap_checkpoint_reads  # tests/memory_caps.py
+
+cap_checkpoint_reads(64 * 1024)
+sys.exit(kaggletrain.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_out_of_memory_in_the_checkpoint_round_trip_is_reported_without_a_batch_search(tmp_path):
+    """The steps fit, the checkpoint reload does not: while the weights file is opened the address space may grow
+    by only 64 KiB, so mapping the ~180 KB file really fails. The report says where memory ran out (it used to
+    stop with the file called truncated or corrupted, or a traceback), warns that a real run's saves meet the
+    same, still measures the evaluation batch, and searches no smaller batch: the steps' activations are freed
+    by then, so a smaller micro batch would not help."""
+    path = write_config(tmp_path, batch_size=4, max_steps=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", CAPPED_READS_CLI, "train", str(path), "--dry-run", "--steps", "3",
+                           "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    oom = rep["out_of_memory"]
+    assert oom.startswith("out of memory in the checkpoint save and reload: out of memory reading "), oom
+    assert "model.safetensors" in oom and "Cannot allocate memory" in oom, oom
+    assert "suggestion" not in rep
+    assert any("checkpoint.save_optimizer=false" in w for w in rep["warnings"]), rep["warnings"]
+    assert rep["tokens_per_s"] > 0 and math.isfinite(rep["val_loss_one_batch"])
+    assert not (tmp_path / "run").exists()

@@ -78,8 +78,15 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
             return {"out_of_memory": oom}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak_bytes()
         t0 = time.perf_counter()
-        path = trainer.save()
-        trainer.load(path)
+        ckpt_oom = None  # the steps' activations are gone by now: a smaller micro batch would not help here
+        try:
+            trainer.load(trainer.save())
+        except Exception as e:  # a process at its memory limit: what a real run's saves would meet too
+            if not is_out_of_memory(e):
+                raise
+            ckpt_oom = f"out of memory in the checkpoint save and reload: {describe(e)}"
+            del e
+            _release()
         ckpt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
@@ -92,13 +99,18 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
             _release()
         eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
-                         ckpt_s, eval_batch_s, val, oom, resolve_impl)
+                         ckpt_s, eval_batch_s, val, oom or ckpt_oom, resolve_impl)
+        if ckpt_oom:
+            report["warnings"].append(
+                "the checkpoint save and reload ran out of memory (the weights and optimizer state are copied to "
+                "host memory and back); a real run's saves would too: free memory, or set "
+                "checkpoint.save_optimizer=false to save the weights alone")
         report["measured_window_unix"] = [ends[min(warmup, len(ends) - 1)], ends[-1]]
         world = trainer.dist.world_size
     finally:
         trainer.close()
         tmp.cleanup()
-    if oom:
+    if oom:  # the steps or the evaluation batch: both shrink with the micro batch
         del trainer  # (a distributed run's trainer stays held: see above)
         _release()
         report["suggestion"] = _search_fitting_batch(cfg, world)
