@@ -76,6 +76,13 @@ def _grad_errors(model, ref) -> dict:
     return errs
 
 
+# Inductor's C++ code generator (CPU tensors only) in torch 2.11 and 2.12 fails on this model's backward graph
+# with the kernel operator inside ("AssertionError: unexpected group: ((304, 64), ()) != (152, 2, 64)": it fuses
+# a group-norm node iterated as [B*T*H, N] with ones iterated as [B*T, H, N]); 2.13 compiles it. Seen with
+# 2.11.0+cu130 and 2.12.1+cu130 on this CPU. GPUs compile through Triton instead, and train.compile is GPU-only.
+OLD_CPU_INDUCTOR = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 def test_compiled_blocks_train_like_eager(device):
     """train.compile's path (Module.compile per block and the compiled head slices, inductor) on a small model,
     in float32 and under bf16 and fp16 autocast (fp16: Kaggle's T4). float32: the compiled gradients equal
@@ -83,6 +90,8 @@ def test_compiled_blocks_train_like_eager(device):
     ones must be as accurate as eager's (bf16 alone moves some gradients of this tiny model by over 20% for
     some inputs, so compiled-vs-eager is no measure: the test asserted that until the CPU-emulated run showed
     it failing on noise)."""
+    if device == "cpu" and OLD_CPU_INDUCTOR:
+        pytest.skip(f"torch {torch.__version__}: inductor's C++ backend cannot compile this graph (fixed in 2.13)")
     from kaggletrain import RWKVModel
     from tiny_models import make_model, train_step  # tests/tiny_models.py
 
