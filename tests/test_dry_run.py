@@ -213,7 +213,10 @@ TESTS = Path(__file__).resolve().parent
 
 
 def limited_cli(budget: int, *args, **env):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1",
+    # glibc's dynamic mmap threshold let freed tensors stay mapped in the heap, and the peaks of identical runs
+    # varied by up to 300 MiB; with a fixed threshold they repeat to the MiB (and agree across torch builds).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env}
     return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(budget), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -239,12 +242,18 @@ def oom_config(tmp_path: Path) -> Path:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
     """No simulated error: the run's address space is capped halfway between what real runs at micro batches 4
-    and 8 map above the imports (measured first, uncapped), so micro batches of 8 x 2048 tokens really fail to
-    allocate and 4 fit. The dry run reports the failure and answers with 4, found by a probe; the real run at 8
-    stops with one line that says what ran out and how to find what fits; the answer (4) then trains under the
-    same cap. (A fixed cap did not carry across torch builds: 4 and 8 peaked 593 and 797 MiB above the imports
-    with torch 2.13's CPU build, 672 and 862 MiB with 2.11's CUDA build, where a 700 MiB cap left 4 no room.)"""
+    and 8 map above the imports (measured first, uncapped, with the token cache already built), so micro batches
+    of 8 x 2048 tokens really fail to allocate and 4 fit. The dry run reports the failure and answers with 4,
+    found by a probe; the real run at 8 stops with one line that says what ran out and how to find what fits;
+    the answer (4) then trains under the same cap. Measured peaks: 309 and 590 MiB, the same to 2 MiB with torch
+    2.13 CPU on Python 3.11 and torch 2.11+cu130 on 3.12. (The fixed 700 MiB cap this test had before left 4 no
+    room under 2.11, whose peaks, with glibc's default allocator settings, were 672 and 862 MiB.)"""
+    from kaggletrain.config import load_config
+    from kaggletrain.data import prepare_data
+
     path = oom_config(tmp_path)
+    cfg = load_config(path)
+    prepare_data(cfg.data, seq_len=cfg.train.seq_len)  # the token cache: so that no run below maps its building
     peaks = {}
     for micro in (4, 8):
         peak_file = tmp_path / f"peak{micro}"
