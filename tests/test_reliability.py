@@ -309,12 +309,14 @@ class Reference:
 
     def result(self) -> tuple[dict, list]:
         if self._result is None:
-            out, err = self.proc.communicate(timeout=600)
-            assert self.proc.returncode == 0, f"reference run failed\n{out}\n{err}"
             self._result = (self.weights(MAX_STEPS), losses(self.run_dir))
         return self._result
 
     def weights(self, step: int) -> dict:
+        # Only once the run has ended: a test may ask for a step the background run has not reached yet.
+        if self.proc.returncode is None:
+            out, err = self.proc.communicate(timeout=600)
+            assert self.proc.returncode == 0, f"reference run failed\n{out}\n{err}"
         return ckpt.load_model_state(self.run_dir / "checkpoints" / f"step-{step:08d}")
 
 
