@@ -5,10 +5,19 @@ tests run in subprocesses (the cap is per process)."""
 import resource
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{key}:"))
+
+
 def vm_size() -> int:
     """The process's address space now, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    return _status_bytes("VmSize")
+
+
+def vm_peak() -> int:
+    """The largest the process's address space has been, in bytes."""
+    return _status_bytes("VmPeak")
 
 
 def cap_above_now(headroom: int) -> None:

@@ -194,16 +194,14 @@ LIMITED_CLI = r"""
 import atexit, os, sys
 import torch
 import kaggletrain.cli, kaggletrain.train.dry_run, kaggletrain.train.loop, kaggletrain.commands.train
-from memory_caps import cap_above_now, vm_size  # tests/memory_caps.py
+from memory_caps import cap_above_now, vm_peak, vm_size  # tests/memory_caps.py
 
 base = vm_size()
 cap_above_now(int(sys.argv[1]))
 
 def write_peak():
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmPeak:"))
     with open(os.environ["PEAK_FILE"], "w") as f:
-        f.write(str(peak - base))
+        f.write(str(vm_peak() - base))
 
 if os.environ.get("PEAK_FILE"):
     atexit.register(write_peak)
@@ -212,14 +210,19 @@ sys.exit(kaggletrain.cli.main(sys.argv[2:]))
 TESTS = Path(__file__).resolve().parent
 
 
+def run_script(script: str, *args, **env) -> subprocess.CompletedProcess:
+    """`python -c script args...` with one thread and tests/ on the path (for memory_caps)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
 def limited_cli(budget: int, *args, **env):
     # glibc's dynamic mmap threshold let freed tensors stay mapped in the heap, and the peaks of identical runs
     # varied by up to 300 MiB; with a fixed threshold they repeat to the MiB (and agree across torch builds).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
-           "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env}
-    return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(budget), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return run_script(LIMITED_CLI, budget, *args, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="131072",
+                      PYTHONHASHSEED="0", **env)
 
 
 def oom_config(tmp_path: Path) -> Path:
@@ -304,9 +307,7 @@ def test_out_of_memory_in_the_checkpoint_round_trip_is_reported_without_a_batch_
     same, still measures the evaluation batch, and searches no smaller batch: the steps' activations are freed
     by then, so a smaller micro batch would not help."""
     path = write_config(tmp_path, batch_size=4, max_steps=20)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CAPPED_READS_CLI, "train", str(path), "--dry-run", "--steps", "3",
-                           "--json"], capture_output=True, text=True, env=env, timeout=600)
+    proc = run_script(CAPPED_READS_CLI, "train", path, "--dry-run", "--steps", "3", "--json")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     oom = rep["out_of_memory"]

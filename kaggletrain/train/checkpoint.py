@@ -7,8 +7,9 @@ Layout of `<out_dir>/checkpoints/`:
 A checkpoint is written into a hidden temporary directory, flushed to disk, then renamed into place,
 and only then does `latest` move (itself via a temporary file + os.replace). A crash at any moment
 leaves the previous checkpoint and pointer intact; a write that fails (disk full, read-only) raises OSError,
-one that runs out of memory MemoryError, and both leave them intact too. Temporaries left by a killed writer are removed by the next save, and pruned
-checkpoints are first renamed out of sight, so a half-deleted directory is never taken for a checkpoint.
+one that runs out of memory MemoryError, and both leave them intact too. Temporaries left by a killed writer
+are removed by the next save, and pruned checkpoints are first renamed out of sight, so a half-deleted
+directory is never taken for a checkpoint.
 Loading uses `torch.load(weights_only=True)`: a trainer_state.pt that holds pickled code is refused, never
 run. See docs/reliability.md.
 """
