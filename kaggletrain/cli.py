@@ -47,8 +47,9 @@ _ENV_ERRNOS = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EFBIG: "file size limit
 
 
 def environment_error(e: BaseException) -> Optional[str]:
-    """One line for what failed by the machine's doing (disk full, read-only, no permission, out of memory), or
-    None for anything else (a bug: it keeps its traceback). Also recognises the non-OSError exceptions that
+    """One line for what failed by the machine's doing (disk full, read-only, no permission, out of memory, an
+    emulated kernel build: the one build that raises rather than falls back), or None for anything else (a
+    bug: it keeps its traceback). Also recognises the non-OSError exceptions that
     safetensors ("... (os error 28)") and torch.save ("unexpected pos", "failed writing") raise."""
     code = getattr(e, "errno", None) if isinstance(e, OSError) else None
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -62,6 +63,8 @@ def environment_error(e: BaseException) -> Optional[str]:
         return f"{str(where) + ': ' if where else ''}{what}" + (f" ({hint})" if hint else "")
     if isinstance(e, RuntimeError) and re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing", text):
         return f"writing a PyTorch file failed ({text[:160]}): out of disk space or a file size limit?"
+    if type(e).__name__ == "BuildError":  # rwkv_cuda's: the kernel could not be built or loaded (says why)
+        return f"rwkv_cuda: {text}"
     if is_out_of_memory(e):  # (training says more: see Trainer._out_of_memory_as_error)
         line = describe(e)
         return line if line.startswith("out of memory") else f"out of memory: {line}"

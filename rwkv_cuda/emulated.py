@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 
-from rwkv_cuda.loader import HEADERS, SOURCES, SRC_DIR, BuildError, _output_to, build_once, cache_root, file_lock
+from rwkv_cuda.loader import (HEADERS, SOURCES, SRC_DIR, BuildError, _output_to, build_failed, build_once, cache_root,
+                               file_lock, load_finished, mark_finished)
 
 ENV = "KAGGLETRAIN_WKV_EMULATE"
 EMU_SOURCES = ("wkv7_emu_torch.cpp", "cuda_emu.h")
@@ -48,15 +49,20 @@ def _build():
 
     key = _key()
     build_dir = cache_root() / f"emu-{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
     log_path = build_dir / "build.log"
     _state["log"], _state["dir"] = log_path, build_dir
+    name = f"kaggletrain_wkv7_emu_{key}"
     t0 = time.perf_counter()
+    module = load_finished(build_dir, name)  # a finished build needs no compiler, ninja or lock
+    if module is not None:
+        _state["seconds"] = time.perf_counter() - t0
+        return module
+    build_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(build_dir / "build.lock"):
         try:
             with _output_to(log_path):
                 module = cpp_extension.load(
-                    name=f"kaggletrain_wkv7_emu_{key}",
+                    name=name,
                     sources=[str(SRC_DIR / "wkv7_emu_torch.cpp")],
                     extra_include_paths=[str(SRC_DIR)],
                     extra_cflags=list(EMU_FLAGS),
@@ -64,8 +70,10 @@ def _build():
                     with_cuda=False,
                     verbose=True,
                 )
-        except Exception as e:  # no compiler, no ninja, a compile error
-            raise BuildError(f"the emulated WKV-7 kernel did not build ({type(e).__name__}); see {log_path}") from e
+        except Exception as e:  # no compiler, no ninja, a compile error, a damaged library
+            error = build_failed(log_path, e, "the emulated WKV-7 kernel did not build: ")
+            raise BuildError(f"{error}; see {log_path}") from e
+        mark_finished(build_dir, key)
     _state["seconds"] = time.perf_counter() - t0
     return module
 

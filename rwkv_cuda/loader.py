@@ -2,8 +2,11 @@
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (ninja), for the current
 GPU's architecture only, into a cache directory keyed by a hash of the sources, the architecture, the
-torch/CUDA versions and the flags, so later processes and runs load it in about a second. A file lock keeps
-two processes from building at once; the compiler's output goes to `build.log` in that directory. Any
+torch/CUDA versions and the flags, so later processes and runs load it in about a second. A finished build
+(marked by `built.ok`) is imported directly: no nvcc, no ninja, no lock and nothing written, so a cache copied
+from another machine with the same GPU and versions also works from a read-only folder (a Kaggle dataset). A
+file lock keeps two processes from building at once; the compiler's output goes to `build.log` in that
+directory. Any
 failure (no GPU, no nvcc, no ninja, a compile error...) is caught: `kernel_available` then returns False
 after ONE warning naming the log, and the caller uses the PyTorch chunked WKV.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import sys
 import threading
@@ -32,6 +36,7 @@ HEAD_SIZES = (64,)
 CUDA_FLAGS = ("-O3", "-Xptxas=-v", "-lineinfo")
 CXX_FLAGS = ("-O3",)
 LOCK_TIMEOUT_S = 1800  # another process may be mid-build (a couple of minutes on 2 cores)
+BUILT_MARK = "built.ok"  # written once a build has loaded: the folder then holds a complete, working module
 
 
 class BuildError(RuntimeError):
@@ -141,6 +146,17 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def nvcc_in(cuda_home: str | None) -> Path:
+    """The nvcc the build will run: CUDA_HOME/bin/nvcc (torch's CUDA_HOME: $CUDA_HOME, else the folder of PATH's
+    nvcc, else /usr/local/cuda). BuildError when there is none, so a stale CUDA_HOME is named as such."""
+    if cuda_home is None:
+        raise BuildError("no CUDA toolkit found (nvcc); install it or set CUDA_HOME")
+    nvcc = Path(cuda_home) / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")
+    if not nvcc.is_file():
+        raise BuildError(f"no nvcc at {nvcc}: CUDA_HOME={cuda_home} is not a CUDA toolkit's folder")
+    return nvcc
+
+
 def _check_toolchain() -> None:
     import torch
     from torch.utils import cpp_extension
@@ -148,12 +164,46 @@ def _check_toolchain() -> None:
     if torch.version.cuda is None:
         raise BuildError("this torch build has no CUDA support")
 
-    if cpp_extension.CUDA_HOME is None:
-        raise BuildError("no CUDA toolkit found (nvcc); install it or set CUDA_HOME")
+    nvcc_in(cpp_extension.CUDA_HOME)
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
         raise BuildError("ninja not found (pip install ninja)") from None
+
+
+def load_finished(build_dir: Path, name: str):
+    """The module of a finished build in `build_dir` (see BUILT_MARK), imported as torch's loader would import
+    it but without ninja, the toolchain, the lock or any write; None when the folder holds no finished build.
+    A marked build that no longer imports (a damaged file) is not an answer either: the caller rebuilds."""
+    library = build_dir / f"{name}.so"
+    if not ((build_dir / BUILT_MARK).is_file() and library.is_file()):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - e.g. a truncated .so: forget the mark so that ninja links it again
+        with contextlib.suppress(OSError):
+            (build_dir / BUILT_MARK).unlink()
+            library.unlink()
+        return None
+    return module
+
+
+def mark_finished(build_dir: Path, key: str) -> None:
+    """Record that `build_dir` holds a complete module (atomically: a reader sees the mark whole or not at all)."""
+    tmp = build_dir / f"{BUILT_MARK}.{os.getpid()}.tmp"
+    tmp.write_text(f"{key}\n")
+    os.replace(tmp, build_dir / BUILT_MARK)
+
+
+def build_failed(log_path: Path, e: BaseException, what: str = "") -> BuildError:
+    """Append the failure to the build log; the BuildError to raise: what failed and the error's last line."""
+    with contextlib.suppress(OSError), open(log_path, "a") as log:
+        log.write(f"\nBUILD FAILED: {type(e).__name__}: {e}\n")
+    text = str(e).strip()
+    last = text.splitlines()[-1] if text else ""
+    return BuildError(f"{what}{type(e).__name__}{': ' + last if last else ''}")
 
 
 def _build() -> object:
@@ -165,9 +215,15 @@ def _build() -> object:
     arch = _arch()
     key = build_key(arch)
     build_dir = cache_root() / key
-    build_dir.mkdir(parents=True, exist_ok=True)
     log_path = build_dir / "build.log"
     _state["log"], _state["dir"] = log_path, build_dir
+    name = f"kaggletrain_wkv7_{key}"
+    t0 = time.perf_counter()
+    module = load_finished(build_dir, name)
+    if module is not None:
+        _state["seconds"] = time.perf_counter() - t0
+        return module
+    build_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} CUDA {torch.version.cuda}"
                   f" sm_{arch[0]}{arch[1]} {torch.cuda.get_device_name()} pid {os.getpid()}\n")
@@ -176,12 +232,11 @@ def _build() -> object:
         except BuildError as e:
             log.write(f"NOT BUILT: {e}\n")
             raise
-    t0 = time.perf_counter()
     with file_lock(build_dir / "build.lock"):
         try:
             with _env(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1]}"), _output_to(log_path):
                 module = cpp_extension.load(
-                    name=f"kaggletrain_wkv7_{key}",
+                    name=name,
                     sources=[str(SRC_DIR / s) for s in SOURCES],
                     extra_include_paths=[str(SRC_DIR)],
                     extra_cflags=list(CXX_FLAGS),
@@ -191,9 +246,8 @@ def _build() -> object:
                     verbose=True,
                 )
         except Exception as e:  # compile errors, toolkit/torch CUDA version mismatch, import errors
-            with open(log_path, "a") as log:
-                log.write(f"\nBUILD FAILED: {type(e).__name__}: {e}\n")
-            raise BuildError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+            raise build_failed(log_path, e) from e
+        mark_finished(build_dir, key)
     _state["seconds"] = time.perf_counter() - t0
     with open(log_path, "a") as log:
         log.write(f"loaded in {_state['seconds']:.1f} s\n")

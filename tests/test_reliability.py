@@ -299,12 +299,14 @@ def real_cli(*args, env=None, **popen) -> subprocess.Popen:
 
 class Reference:
     """An uninterrupted run of the crash/signal config through `python -m kaggletrain`, started at once in the
-    background (it overlaps with the crash test) and awaited by whoever needs its weights. It keeps every
-    checkpoint (keep_last has no effect on the numbers), so any step can be compared."""
+    background (it overlaps with the crash test) and awaited by whoever needs its weights. It saves and keeps a
+    checkpoint at every step (neither changes the numbers), so any step can be compared: a signal saves at
+    whichever step it interrupts, e.g. step 7 on a loaded machine, between the config's saves every 3 steps."""
 
     def __init__(self, tmp: Path):
         self.run_dir = tmp / "run"
-        self.proc = real_cli("train", write_config(tmp, self.run_dir), "checkpoint.keep_last=0")
+        self.proc = real_cli("train", write_config(tmp, self.run_dir), "checkpoint.keep_last=0",
+                             "checkpoint.every_steps=1")
         self._result = None
 
     def result(self) -> tuple[dict, list]:

@@ -16,13 +16,20 @@ def _tool(name: str, version_args: list[str]) -> tuple[str | None, str]:
     import subprocess
 
     path = shutil.which(name)
-    if name == "nvcc" and path is None:
+    if name == "nvcc":
         from pathlib import Path
 
-        from torch.utils.cpp_extension import CUDA_HOME  # also finds /usr/local/cuda without PATH
+        from torch.utils.cpp_extension import CUDA_HOME
 
-        if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-            path = str(Path(CUDA_HOME) / "bin" / "nvcc")
+        # The kernel build runs CUDA_HOME's nvcc (torch's choice: $CUDA_HOME, else PATH's nvcc, else
+        # /usr/local/cuda; None in a CPU-only torch), which need not be the first one on PATH.
+        if CUDA_HOME:
+            home_nvcc = Path(CUDA_HOME) / "bin" / "nvcc"
+            if not home_nvcc.exists():
+                return None, f"not found in CUDA_HOME={CUDA_HOME} (the kernel build looks there)"
+            path = str(home_nvcc)
+        elif path is None and Path("/usr/local/cuda/bin/nvcc").exists():
+            path = "/usr/local/cuda/bin/nvcc"
     if path is None:
         return None, "not found"
     try:

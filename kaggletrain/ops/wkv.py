@@ -17,6 +17,8 @@ Implementations:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kaggletrain.ops.decay import decay_log
@@ -73,12 +75,28 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"wkv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "cuda":
-        return "cuda" if _cuda_available_for(r) else "chunked"
+        if _cuda_available_for(r):
+            return "cuda"
+        if r.device.type == "cpu" and r.dtype != torch.float64 and not _emulating():
+            _warn_no_gpu_for_cuda()  # (on a GPU the loader's own warning says why the kernel is not there)
+        return "chunked"
     if impl != "auto":
         return impl
     if r.shape[1] == 1:
         return "sequential"
     return "cuda" if _cuda_available_for(r) else "chunked"
+
+
+_warned_no_gpu = []
+
+
+def _warn_no_gpu_for_cuda() -> None:
+    """Once per process: impl "cuda" was asked for explicitly, but the tensors are on the CPU."""
+    if not _warned_no_gpu:
+        _warned_no_gpu.append(True)
+        warnings.warn("WKV implementation 'cuda' (model.wkv_impl) needs a CUDA GPU, but the model runs on the CPU: "
+                      "using the PyTorch chunked WKV instead ('auto' picks the kernel on a GPU and this on a CPU)",
+                      RuntimeWarning, stacklevel=2)
 
 
 def wkv(r, w, k, v, a, b, state=None, impl: str = "auto"):
