@@ -271,12 +271,21 @@ def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
         return limited_cli(budget, *args)
 
     proc = limited("train", path, "--dry-run", "--steps", "2", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr  # the report says the real run would stop
     rep = json.loads(proc.stdout)
     assert "can't allocate memory" in rep["out_of_memory"], rep["out_of_memory"]
+    assert rep["real_run_would_stop"] == [rep["out_of_memory"]]
     assert rep["suggestion"] == {"micro_batch_size": 4, "gradient_checkpointing": False,
                                  "tried": [{"micro_batch_size": 4, "gradient_checkpointing": False, "fits": True}]}
+    # No step finished: nothing to project from, and the JSON says so with nulls (it used to print NaN).
+    assert rep["step_time_s"] is None and rep["projected_run_s"] is None and rep["fits_kaggle_session"] is None
+    assert rep["projected_t4_memory_gb"] is None and rep["fits_t4"] is None and rep["first_loss"] is None
     assert not (tmp_path / "run").exists()
+
+    proc = limited("train", path, "--dry-run", "--steps", "2")  # the table, from the same report
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "n/a → n/a" in out and "out of memory:" in out and "'micro_batch_size': 4" in out, out
 
     proc = limited("train", path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
@@ -308,12 +317,102 @@ def test_out_of_memory_in_the_checkpoint_round_trip_is_reported_without_a_batch_
     by then, so a smaller micro batch would not help."""
     path = write_config(tmp_path, batch_size=4, max_steps=20)
     proc = run_script(CAPPED_READS_CLI, "train", path, "--dry-run", "--steps", "3", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     rep = json.loads(proc.stdout)
     oom = rep["out_of_memory"]
+    assert rep["real_run_would_stop"] == [oom] and rep["fits_t4"] is True  # the steps and evaluation fit
     assert oom.startswith("out of memory in the checkpoint save and reload: out of memory reading "), oom
     assert "model.safetensors" in oom and "Cannot allocate memory" in oom, oom
     assert "suggestion" not in rep
     assert any("checkpoint.save_optimizer=false" in w for w in rep["warnings"]), rep["warnings"]
     assert rep["tokens_per_s"] > 0 and math.isfinite(rep["val_loss_one_batch"])
     assert not (tmp_path / "run").exists()
+
+
+def test_events_count_the_runs_evaluations_and_saves():
+    """Every `every` steps and always at the last one (Trainer.fit), over the steps a run still has to do."""
+    from kaggletrain.train.dry_run import events
+
+    assert events(0, 20, 0) == 1  # 0: only at the end
+    assert events(0, 20, 20) == 1 and events(0, 20, 15) == 2 and events(0, 20, 7) == 3
+    assert events(0, 48, 3) == 16 and events(6, 150, 50) == 3 and events(5, 150, 50) == 3
+    assert events(20, 20, 5) == 0 and events(25, 20, 5) == 0  # nothing left to run
+
+
+def test_dry_run_meets_the_run_directory_as_the_real_run_would(tmp_path):
+    """The dry run reads the configured run directory, never writes it, and says (exit 3) what would stop the
+    real run at its start; a run it would resume, it resumes too and projects only the remaining steps."""
+    from kaggletrain.train.dry_run import events
+
+    cfg = write_config(tmp_path, max_steps=6, eval_interval=3)
+    run_dir = tmp_path / "run"
+    assert cli("train", cfg).returncode == 0  # a real run: checkpoints at steps 4 and 6
+    before = tree(run_dir)
+
+    proc = cli("train", cfg, "--dry-run", "--steps", 2, "--json")  # checkpoints, and no --resume
+    assert proc.returncode == 3, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert len(rep["real_run_would_stop"]) == 1 and "already holds checkpoints (step-00000006); pass --resume" \
+        in rep["real_run_would_stop"][0]
+    assert rep["resumes_from"] is None and rep["tokens_per_s"] > 0  # still measured, from a fresh model
+
+    proc = cli("train", cfg, "train.max_steps=20", "--resume", "--dry-run", "--steps", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["resumes_from"] == str(run_dir / "checkpoints" / "step-00000006") and rep["start_step"] == 6
+    assert rep["projected_evaluations"] == events(6, 20, 3) == 5 and rep["projected_checkpoints"] == events(6, 20, 4)
+    assert rep["projected_run_s"] >= 14 * rep["step_time_s"]
+    resumed_loss = rep["first_loss"]
+    fresh = json.loads(cli("train", cfg, f"out_dir={tmp_path / 'fresh'}", "--dry-run", "--steps", 2, "--json").stdout)
+    assert resumed_loss < fresh["first_loss"] - 0.1, (resumed_loss, fresh["first_loss"])  # trained weights
+
+    proc = cli("train", cfg, "model.hidden_size=64", "checkpoint.resume=auto", "--dry-run", "--steps", 2)
+    assert proc.returncode == 3, proc.stderr
+    assert "the real run would stop:" in proc.stdout and "does not match this config's model" in proc.stdout
+
+    proc = cli("train", cfg, f"out_dir={tmp_path / 'none'}", "--resume", "--dry-run", "--steps", 2, "--json")
+    assert proc.returncode == 3 and "--resume: no checkpoint found under" in proc.stdout, proc.stdout
+    (tmp_path / "a_file").write_text("")
+    proc = cli("train", cfg, f"out_dir={tmp_path / 'a_file'}", "--dry-run", "--steps", 2, "--json")
+    assert proc.returncode == 3 and "cannot write the run directory (File exists)" in proc.stdout, proc.stdout
+    assert tree(run_dir) == before and not (tmp_path / "none").exists() and not (tmp_path / "fresh").exists()
+
+
+def test_a_diverging_dry_run_prints_strict_json_and_says_the_real_run_would_stop(tmp_path):
+    cfg = write_config(tmp_path, max_steps=20, lr=1e8, warmup_steps=0, grad_clip=0.0)
+    proc = cli("train", cfg, "--dry-run", "--steps", 6, "--json")
+    assert proc.returncode == 3, proc.stderr
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    rep = json.loads(proc.stdout, parse_constant=no_constants)
+    assert rep["last_loss"] is None  # NaN
+    assert any("not finite for" in p and "a real run stops after 3" in p for p in rep["real_run_would_stop"]), rep
+
+
+def test_steps_and_json_go_with_dry_run(tmp_path):
+    cfg = write_config(tmp_path)
+    for flags in (["--json"], ["--steps", "3"]):
+        proc = cli("train", cfg, *flags)
+        assert proc.returncode == 2 and "goes with --dry-run" in proc.stderr, (flags, proc.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_ends_a_dry_run_without_leaving_its_temporary_directory(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cfg = write_config(tmp_path, max_steps=100_000)
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kaggletrain", "train", str(cfg), "--dry-run", "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(scratch.glob("kaggletrain-dry-*/run/config.yaml")):  # the trainer has started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the steps
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert list(scratch.iterdir()) == []

@@ -80,6 +80,36 @@ def test_no_gradient_needed_computes_the_loss_only():
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t), rtol=1e-6, atol=1e-6)
 
 
+def test_evaluation_forms_no_gradients_and_no_logits(monkeypatch):
+    """Under torch.no_grad (evaluation) with parameters that require gradients: only the loss, slice by slice.
+    The model's evaluation call (labels, no logits) gives the plain head's loss in float32 and under bf16
+    autocast, and no [tokens, vocab] tensor is ever made (slices of 7 rows here)."""
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g).requires_grad_()
+    t = torch.randint(0, 30, (40,), generator=g)
+    monkeypatch.setattr(hl, "SLICE_BYTES", 7 * 4 * 30)
+    shapes = []
+    real_log_probs = hl.log_probs
+    monkeypatch.setattr(hl, "log_probs", lambda logits: shapes.append(tuple(logits.shape)) or real_log_probs(logits))
+    with torch.no_grad():
+        loss, _ = hl.head_loss(h, w, t, torch.float32, 1e-4 / 40)
+    assert not loss.requires_grad and max(n for n, _ in shapes) == 7
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.detach().t(), t), rtol=1e-6, atol=1e-6)
+
+    m = make_model(hidden_size=64, num_layers=2, vocab_size=211, head_size=32).eval()
+    x = torch.randint(0, 211, (3, 30), generator=g)
+    for amp in (None, torch.bfloat16):
+        if amp is not None:
+            m.enable_mixed_precision(amp)
+        shapes.clear()
+        with torch.no_grad():
+            fused = m(x, labels=x, return_logits=False)
+            plain = m(x, labels=x, return_logits=True)
+        assert plain.logits is not None and fused.logits is None and shapes[0][0] <= 7
+        assert fused.num_targets == plain.num_targets
+        torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-5)
+
+
 def _sliced_case(seed, monkeypatch):
     """70 tokens, vocabulary 3000, in slices of 16 rows (the last one shorter); every sixth target ignored."""
     monkeypatch.setattr(hl, "SLICE_BYTES", 16 * 4 * 3000)

@@ -10,6 +10,8 @@ import typer
 
 from kaggletrain.cli import app
 
+DRY_RUN_WOULD_STOP = 3  # exit status of a dry run whose report says the real run would stop
+
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
@@ -19,20 +21,27 @@ def train(
                                           help="Continue the run in out_dir from its latest checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Run a few real steps in a temporary directory and "
                                  "report speed, memory and projected cost; leaves the run directory untouched."),
-    steps: int = typer.Option(10, "--steps", min=2, help="Steps of a dry run."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Steps of a dry run (default 10)."),
     json_out: bool = typer.Option(False, "--json", help="Print the dry-run report as JSON."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar."),
 ):
-    """Train a model from a YAML config."""
+    """Train a model from a YAML config. A dry run exits with 3 when its report says the real run would stop
+    (out of memory, a non-finite loss, the run directory), so that `--dry-run && kaggletrain push` stops too."""
     from kaggletrain.config import load_config
+    from kaggletrain.errors import ConfigError
 
+    if not dry_run and (steps is not None or json_out):
+        raise ConfigError(f"{'--steps' if steps is not None else '--json'} goes with --dry-run: without it, "
+                          "`kaggletrain train` starts the real run")
     cfg = load_config(config, overrides or [])
     if dry_run:
         from kaggletrain.train.dry_run import dry_run as run_dry, render_report
 
-        report = run_dry(cfg, steps=steps)
+        report = run_dry(cfg, steps=10 if steps is None else steps, resume=resume)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
             render_report(report, as_json=json_out)
+        if report["real_run_would_stop"]:
+            raise typer.Exit(code=DRY_RUN_WOULD_STOP)
         return
     from rich.console import Console
 

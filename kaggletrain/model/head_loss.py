@@ -56,9 +56,10 @@ def _compiled_slice(backend: str):
 
 class HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, l2_factor, count, backend):
+    def forward(ctx, h, weight, targets, dtype, l2_factor, count, backend, grad_mode):
         N, V = h.shape[0], weight.shape[0]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # (needs_input_grad says True under torch.no_grad too: the caller's grad mode decides, e.g. evaluation)
+        need_grad = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         with torch.autocast(device_type=h.device.type, enabled=False):
             hb, wb = h.to(dtype), weight.to(dtype)
             valid = targets != IGNORE_INDEX
@@ -118,7 +119,7 @@ class HeadLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad.to(dw.dtype)).to(ctx.weight_dtype), None, None, None, None, None
+        return dh * grad.to(dh.dtype), (dw * grad.to(dw.dtype)).to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
@@ -126,6 +127,9 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtyp
     """Mean cross-entropy of `h @ weight.T` ([N, C] x [V, C]) against `targets` ([N], IGNORE_INDEX skipped),
     the product in `dtype`; L2Wrap's gradient when `l2_factor` is given. `compile_backend` (e.g. "inductor",
     under `train.compile`): each slice's softmax, loss and gradient go through torch.compile (`slice_grad`).
+    Under torch.no_grad (evaluation) only the loss is formed, slice by slice: no [N, V] logits either.
     Returns (loss, number of targets)."""
     count = int((targets != IGNORE_INDEX).sum())
-    return HeadLoss.apply(h, weight, targets, dtype, l2_factor, count, compile_backend), count
+    grad_mode = torch.is_grad_enabled()
+    return HeadLoss.apply(h, weight, targets, dtype, l2_factor if grad_mode else None, count, compile_backend,
+                          grad_mode), count

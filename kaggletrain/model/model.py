@@ -399,8 +399,10 @@ class RWKVModel(nn.Module):
             else:
                 x, new_states, _ = self._forward_tokens(input_ids, valid, position_ids, layer_states, None)
                 h = self.ln_out(x)
-                if targets is not None and not return_logits and torch.is_grad_enabled():
-                    # Training: the logits are never kept (model/head_loss.py); L2Wrap is folded in.
+                if targets is not None and not return_logits:
+                    # Training and evaluation: the logits are never kept (model/head_loss.py); L2Wrap is folded
+                    # into training's gradient. (Evaluation's full logits would outgrow a training step's
+                    # activations with a large vocabulary and micro batch.)
                     dt = self._amp_dtype if amp else self.head.weight.dtype
                     loss_mean, count = head_loss(h.reshape(B * T, -1), self.head.weight, targets.reshape(-1), dt,
                                                  1e-4 / max(1, B * T) if l2wrap else None, self._compiled)

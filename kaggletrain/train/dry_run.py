@@ -11,7 +11,9 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kaggletrain.errors import KaggletrainError
 from kaggletrain.train.out_of_memory import describe, is_out_of_memory
 
 KAGGLE_SESSION_HOURS = 12.0
@@ -45,15 +48,19 @@ def _attention_backend(device: torch.device, has_attention: bool) -> str:
     return "SDPA (flash)" if flash else "SDPA (memory-efficient/math)"
 
 
-def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
-    """Run `steps` real training steps of `cfg` in a temporary directory and report (see module doc).
-    `_trial`: a probe of the out-of-memory search -- steps only, no checkpoint, evaluation or nested search."""
+def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = None) -> dict[str, Any]:
+    """Run `steps` real training steps of `cfg` in a temporary directory and report (see module doc). `resume`:
+    the command's --resume/--no-resume (None: the config's checkpoint.resume), for the start-up checks on the
+    configured run directory, which is only read. `_trial`: a probe of the out-of-memory search -- steps only,
+    no checkpoint, evaluation or nested search."""
     from kaggletrain.ops.wkv import resolve_impl
     from kaggletrain.train.loop import Trainer
 
     steps = max(2, steps)
     warmup = min(2, steps - 1)
+    start_problems, resume_from = ([], None) if _trial else real_run_start(cfg, resume)
     tmp = tempfile.TemporaryDirectory(prefix="kaggletrain-dry-")
+    restore_sigterm = None if _trial else _sigterm_as_exit()  # so that the temporary directory goes too
     dcfg = copy.deepcopy(cfg)
     dcfg.out_dir = str(Path(tmp.name) / "run")
     dcfg.logging = dataclasses.replace(dcfg.logging, progress=False, tensorboard=False, plot=False)
@@ -67,6 +74,12 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
         hold_until_exit(trainer)
     try:
         trainer.setup()
+        if resume_from is not None:  # the real run resumes: so does the rehearsal (the files are only read)
+            try:
+                trainer.load(resume_from)
+            except KaggletrainError as e:
+                start_problems.append(str(e))
+        start_step = trainer.step
         setup_s = time.perf_counter() - t_setup
         device = trainer.device
         if device.type == "cuda":
@@ -76,6 +89,17 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
         oom = _run_steps(trainer, steps, times, cpu_times, losses, ends)
         if _trial:
             return {"out_of_memory": oom}
+        t0 = time.perf_counter()
+        try:  # before the checkpoint round trip, whose host copies would count in a CPU process's peak
+            val = trainer.evaluate(max_batches=1)
+        except Exception as e:  # evaluation at the configured batch may not fit either
+            if not is_out_of_memory(e):
+                raise
+            val, oom = None, oom or f"out of memory in the evaluation batch: {describe(e)}"
+            del e
+            _release()
+        eval_batch_s = time.perf_counter() - t0
+        # The steps' and the evaluation's peak: a real run needs room for both.
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak_bytes()
         t0 = time.perf_counter()
         ckpt_oom = None  # the steps' activations are gone by now: a smaller micro batch would not help here
@@ -88,33 +112,62 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False) -> dict[str, Any]:
             del e
             _release()
         ckpt_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        try:
-            val = trainer.evaluate(max_batches=1)
-        except Exception as e:  # evaluation at the configured batch may not fit either
-            if not is_out_of_memory(e):
-                raise
-            val, oom = None, oom or f"out of memory in the evaluation batch: {describe(e)}"
-            del e
-            _release()
-        eval_batch_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
-                         ckpt_s, eval_batch_s, val, oom or ckpt_oom, resolve_impl)
+                         ckpt_s, eval_batch_s, val, oom, resolve_impl, start_step, ckpt_oom)
         if ckpt_oom:
             report["warnings"].append(
                 "the checkpoint save and reload ran out of memory (the weights and optimizer state are copied to "
                 "host memory and back); a real run's saves would too: free memory, or set "
                 "checkpoint.save_optimizer=false to save the weights alone")
+        report["resumes_from"] = str(resume_from) if resume_from is not None and not start_problems else None
+        report["real_run_would_stop"] = start_problems + report.pop("_would_stop")
         report["measured_window_unix"] = [ends[min(warmup, len(ends) - 1)], ends[-1]]
         world = trainer.dist.world_size
     finally:
         trainer.close()
         tmp.cleanup()
+        if restore_sigterm is not None:
+            restore_sigterm()
     if oom:  # the steps or the evaluation batch: both shrink with the micro batch
         del trainer  # (a distributed run's trainer stays held: see above)
         _release()
         report["suggestion"] = _search_fitting_batch(cfg, world)
     return report
+
+
+def real_run_start(cfg, resume: bool | None) -> tuple[list[str], Path | None]:
+    """What the real run would do first with the configured run directory, found by reading it only: the errors
+    it would stop with at once, and the checkpoint it would resume from (None: a fresh start)."""
+    from kaggletrain.train.loop import resume_decision
+    from kaggletrain.train import checkpoint as ckpt
+
+    out_dir = Path(cfg.out_dir)
+    resume = cfg.checkpoint.resume if resume is None else resume
+    if out_dir.exists() and not out_dir.is_dir():
+        return [f"{out_dir}: cannot write the run directory (File exists)"], None
+    existing = next((p for p in (out_dir, *out_dir.absolute().parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{out_dir}: cannot write the run directory ({existing} is not writable)"], None
+    latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if out_dir.is_dir() else None
+    try:
+        return [], resume_decision(out_dir, latest, resume)
+    except KaggletrainError as e:
+        return [str(e)], None
+
+
+def _sigterm_as_exit():
+    """SIGTERM (a timeout, a stopped session) ends the dry run through its cleanup, as Ctrl-C does, with the
+    signal's exit status; returns what restores the previous handler. Main thread only (else a no-op)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _run_steps(trainer, steps, times, cpu_times, losses, ends) -> str | None:
@@ -142,23 +195,60 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def events(start: int, stop: int, every: int) -> int:
+    """How many of the steps start+1 .. stop a run evaluates or saves at: every `every` steps (0: never) and
+    always at the last step, as Trainer.fit does."""
+    if stop <= start:
+        return 0
+    regular = (stop // every - start // every) if every > 0 else 0
+    return regular + (0 if every > 0 and stop % every == 0 else 1)
+
+
+def _nonfinite_run(losses: list) -> int:
+    """The longest run of consecutive non-finite losses."""
+    longest = current = 0
+    for loss in losses:
+        current = 0 if math.isfinite(loss) else current + 1
+        longest = max(longest, current)
+    return longest
+
+
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
-            resolve_impl):
+            resolve_impl, start_step=0, ckpt_oom=None):
+    from kaggletrain.train.loop import MAX_NONFINITE_STEPS
+
     t, model, device = cfg.train, trainer.model, trainer.device
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = t.batch_size * t.seq_len
-    step_s = statistics.median(times) if times else float("nan")
-    spread = (min(times), max(times)) if times else (float("nan"), float("nan"))
-    cpu_s = statistics.median(cpu_times) if cpu_times else float("nan")
-    n_evals = (t.max_steps // t.eval_interval) if t.eval_interval else 0
-    n_ckpts = (t.max_steps // cfg.checkpoint.every_steps if cfg.checkpoint.every_steps else 0) + 1
-    projected_s = t.max_steps * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
+    step_s = statistics.median(times) if times else None  # None: no step was measured (out of memory)
+    spread = [min(times), max(times)] if times else None
+    cpu_s = statistics.median(cpu_times) if cpu_times else None
+    remaining = max(0, t.max_steps - start_step)  # a resumed run does only the rest
+    has_val = trainer.data.val_tokens is not None and len(trainer.data.val_tokens) >= t.seq_len + 1
+    n_evals = events(start_step, t.max_steps, t.eval_interval) if has_val else 0
+    n_ckpts = events(start_step, t.max_steps, cfg.checkpoint.every_steps)
+    projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
+                   if step_s is not None else None)
     static = n_train * BYTES_PER_TRAINABLE + (n_params - n_train) * BYTES_PER_FROZEN
     activation = max(0, peak - (static if device.type == "cuda" else rss_before + static))
-    # Activations scale with precision (fp16 halves fp32 activations) and with the per-GPU micro batch.
+    # Activations scale with precision (fp16 halves fp32 activations) and with the per-GPU micro batch. After an
+    # out-of-memory the peak is only a lower bound: no projection.
     act_scale = 0.5 if trainer.precision.name == "fp32" else 1.0
-    t4_bytes = static + activation * act_scale
+    t4_bytes = None if oom else static + activation * act_scale
+    would_stop = [problem for problem in (oom, ckpt_oom) if problem]
+    bad = _nonfinite_run(losses)
+    if bad and not trainer.scaler.is_enabled():  # (fp16's loss scaler skips such steps: the real run too)
+        first = next(i for i, x in enumerate(losses) if not math.isfinite(x)) + 1
+        if bad >= MAX_NONFINITE_STEPS:
+            would_stop.append(f"the loss was not finite for {bad} steps in a row (from dry-run step {first}): a real "
+                              f"run stops after {MAX_NONFINITE_STEPS}; lower train.lr, or check the data")
+        else:
+            would_stop.append(f"the loss was not finite at dry-run step {first}; a real run stops after "
+                              f"{MAX_NONFINITE_STEPS} such steps in a row: lower train.lr, or check the data")
+    elif losses and not math.isfinite(losses[-1]):
+        would_stop.append("the loss was still not finite at the last step although fp16's loss scaler skips such "
+                          "steps: lower train.lr, or check the data")
     probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
                         dtype=trainer.precision.amp_dtype or torch.float32)
     warnings = []
@@ -172,7 +262,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
                             f"micro_batch_size would use the GPU better")
     if t.seq_len % 16:
         warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
-    if device.type == "cpu" and cpu_s < BUSY_CPU_SHARE * step_s:
+    if device.type == "cpu" and step_s is not None and cpu_s < BUSY_CPU_SHARE * step_s:
         # Even one thread keeps a core busy for the whole step; far less CPU than wall time means other
         # processes took the cores, and the projection is as slow as this moment's machine.
         warnings.append(f"the step used {cpu_s / step_s:.0%} of a core per wall second: other processes are "
@@ -187,20 +277,24 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "trainable_parameters": n_train,
         "tokens_per_step": tokens_per_step,
         "step_time_s": step_s,
-        "step_time_spread_s": list(spread),
+        "step_time_spread_s": spread,
         "step_cpu_time_s": cpu_s,
-        "tokens_per_s": tokens_per_step / step_s if step_s and math.isfinite(step_s) else None,
+        "tokens_per_s": tokens_per_step / step_s if step_s else None,
         "measured_steps": len(times),
+        "start_step": start_step,
         "peak_memory_bytes": int(peak),
         "peak_memory_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "projected_run_s": projected_s,
-        "projected_run_h": projected_s / 3600,
-        "fits_kaggle_session": projected_s / 3600 <= KAGGLE_SESSION_HOURS,
-        "projected_t4_memory_gb": t4_bytes / 1e9,
-        "fits_t4": t4_bytes / 1e9 <= T4_MEMORY_GB * 0.92,
+        "projected_run_h": projected_s / 3600 if projected_s is not None else None,
+        "projected_evaluations": n_evals,
+        "projected_checkpoints": n_ckpts,
+        "fits_kaggle_session": projected_s / 3600 <= KAGGLE_SESSION_HOURS if projected_s is not None else None,
+        "projected_t4_memory_gb": t4_bytes / 1e9 if t4_bytes is not None else None,
+        "fits_t4": t4_bytes / 1e9 <= T4_MEMORY_GB * 0.92 if t4_bytes is not None else None,
         "t4_memory_method": ("static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen x 4 B; "
-                             "activations = measured peak minus static (minus the process baseline on CPU), "
-                             "halved when measured in fp32 since a T4 trains in fp16; per-GPU micro batch as configured"),
+                             "activations = measured peak of the steps and the evaluation batch minus static (minus "
+                             "the process baseline on CPU), halved when measured in fp32 since a T4 trains in fp16; "
+                             "per-GPU micro batch as configured; none after an out-of-memory"),
         "precision": trainer.precision.name,
         "wkv_impl": resolve_impl(model.config.wkv_impl, probe),
         "attention_backend": _attention_backend(device, bool(model.config.attention_layers)),
@@ -208,8 +302,9 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "last_loss": losses[-1] if losses else None,
         "val_loss_one_batch": val,
         "checkpoint_roundtrip_s": ckpt_s,
-        "out_of_memory": oom,
+        "out_of_memory": oom or ckpt_oom,
         "warnings": warnings,
+        "_would_stop": would_stop,
     }
 
 
@@ -243,9 +338,20 @@ def _search_fitting_batch(cfg, world: int) -> dict:
             "note": "no batch fits; enable train.use_chunking or use a smaller model"}
 
 
+def finite(value):
+    """The report with every non-finite float (a NaN loss) as None, so that --json prints strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def render_report(report: dict, as_json: bool = False) -> None:
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(finite(report), indent=2, default=str, allow_nan=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -254,25 +360,34 @@ def render_report(report: dict, as_json: bool = False) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    num = lambda x, fmt: "n/a" if x is None else format(x, fmt)  # noqa: E731 (None: not measured)
+    fits = lambda ok, what: "" if ok is None else f" ({'fits' if ok else 'does NOT fit'} {what})"  # noqa: E731
+    step = report["step_time_s"]
     rows = [
         ("device", f"{report['device']} ({report['device_name']})"),
         ("parameters", f"{report['parameters']:,} ({report['trainable_parameters']:,} trainable)"),
         ("tokens per step", f"{report['tokens_per_step']:,}"),
-        ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms"),
-        ("tokens/s", f"{report['tokens_per_s']:,.0f}" if report["tokens_per_s"] else "n/a"),
+        ("step time (median)", "n/a" if step is None else f"{step * 1000:.1f} ms"),
+        ("tokens/s", num(report["tokens_per_s"], ",.0f")),
         ("peak memory", f"{gb(report['peak_memory_bytes'])} ({report['peak_memory_source']})"),
-        ("projected run time", f"{report['projected_run_h']:.2f} h "
-                               f"({'fits' if report['fits_kaggle_session'] else 'does NOT fit'} a 12 h Kaggle session)"),
-        ("projected T4 memory", f"{report['projected_t4_memory_gb']:.2f} GB "
-                                f"({'fits' if report['fits_t4'] else 'does NOT fit'} 16 GB)"),
+        ("projected run time", f"{num(report['projected_run_h'], '.2f')} h"
+                               + fits(report["fits_kaggle_session"], "a 12 h Kaggle session")),
+        ("projected T4 memory", f"{num(report['projected_t4_memory_gb'], '.2f')} GB" + fits(report["fits_t4"], "16 GB")),
         ("precision / WKV / attention", f"{report['precision']} / {report['wkv_impl']} / {report['attention_backend']}"),
-        ("loss first → last", f"{report['first_loss']:.4f} → {report['last_loss']:.4f}"),
+        ("loss first → last", f"{num(report['first_loss'], '.4f')} → {num(report['last_loss'], '.4f')}"),
     ]
+    if report.get("resumes_from"):
+        rows.insert(3, ("resumes from", f"{report['resumes_from']} (step {report['start_step']})"))
     for k, v in rows:
         table.add_row(k, v)
     console = Console()
     console.print(table)
     for w in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if report.get("out_of_memory"):
-        console.print(f"[red]out of memory:[/] {report['out_of_memory']}; suggestion: {report.get('suggestion')}")
+        console.print(f"[red]out of memory:[/] {report['out_of_memory']}; suggestion: {report.get('suggestion')}",
+                      highlight=False)
+    for problem in report.get("real_run_would_stop", []):
+        if problem == report.get("out_of_memory"):
+            continue  # printed above, with the suggestion
+        console.print(f"[bold red]the real run would stop:[/] {problem}", highlight=False, soft_wrap=True)

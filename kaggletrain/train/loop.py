@@ -60,6 +60,18 @@ class RunSummary:
     history: list = field(default_factory=list)
 
 
+def resume_decision(out_dir: Path, latest: Optional[Path], resume) -> Optional[Path]:
+    """The checkpoint a run starts from (None: a fresh start), given the latest one in its out_dir and the resume
+    setting (True, False or "auto"); KaggletrainError when the run must not start. (The dry run asks too.)"""
+    if latest is not None and resume is False:
+        raise KaggletrainError(
+            f"{out_dir}: already holds checkpoints ({latest.name}); pass --resume to continue it, "
+            f"or choose another name/out_dir (nothing was overwritten)")
+    if latest is None and resume is True:
+        raise KaggletrainError(f"--resume: no checkpoint found under {Path(out_dir) / 'checkpoints'}")
+    return latest
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: Optional[bool] = None, progress: Optional[bool] = None,
                  dist: Optional[DistInfo] = None):
@@ -166,11 +178,14 @@ class Trainer:
         except ImportError:
             load_state_dict_any = None
         p = Path(path)
-        if load_state_dict_any is not None:
-            sd = load_state_dict_any(p)
-        else:
-            target = ckpt.latest_checkpoint(p / "checkpoints") or ckpt.latest_checkpoint(p) or p
-            sd = ckpt.load_model_state(target)
+        try:
+            if load_state_dict_any is not None:
+                sd = load_state_dict_any(p)
+            else:
+                target = ckpt.latest_checkpoint(p / "checkpoints") or ckpt.latest_checkpoint(p) or p
+                sd = ckpt.load_model_state(target)
+        except KaggletrainError as e:  # the reader names the file; the key says where it came from
+            raise type(e)(f"model.init_from: {e}") from None
         own = model.state_dict()
         missing = [k for k in own if k not in sd and not k.endswith(("time_state", "shift_state", "att.v0",
                                                                     "att.v1", "att.v2"))]
@@ -188,14 +203,9 @@ class Trainer:
         if self.dist.enabled:
             latest = broadcast_object(str(latest) if latest else None, self.dist)
             latest = Path(latest) if latest else None
-        if latest is not None and self.resume is False:
-            raise KaggletrainError(
-                f"{self.out_dir}: already holds checkpoints ({latest.name}); pass --resume to continue it, "
-                f"or choose another name/out_dir (nothing was overwritten)")
+        latest = resume_decision(self.out_dir, latest, self.resume)
         if latest is not None:
             self.load(latest)
-        elif self.resume is True:
-            raise KaggletrainError(f"--resume: no checkpoint found under {self.ckpt_root}")
         error = None
         if self.dist.is_main:
             try:
