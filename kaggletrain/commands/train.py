@@ -25,8 +25,8 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the dry-run report as JSON."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar."),
 ):
-    """Train a model from a YAML config. A dry run exits with 3 when its report says the real run would stop
-    (out of memory, a non-finite loss, the run directory), so that `--dry-run && kaggletrain push` stops too."""
+    """Train a model from a YAML config. A dry run exits with 3 when its steps met what would stop the real run
+    (out of memory, a non-finite loss), so that `--dry-run && kaggletrain push` stops too."""
     from kaggletrain.config import load_config
     from kaggletrain.errors import ConfigError
 

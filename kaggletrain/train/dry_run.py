@@ -120,7 +120,10 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
                 "host memory and back); a real run's saves would too: free memory, or set "
                 "checkpoint.save_optimizer=false to save the weights alone")
         report["resumes_from"] = str(resume_from) if resume_from is not None and not start_problems else None
-        report["real_run_would_stop"] = start_problems + report.pop("_would_stop")
+        # The run directory is this machine's (a Kaggle push starts from an empty one, and a local run stops at
+        # once, costing nothing): warnings. What the steps met would stop the real run anywhere (exit 3).
+        report["warnings"] += [f"the real run would stop at its start here: {p}" for p in start_problems]
+        report["real_run_would_stop"] = report.pop("_would_stop")
         report["measured_window_unix"] = [ends[min(warmup, len(ends) - 1)], ends[-1]]
         world = trainer.dist.world_size
     finally:
