@@ -153,6 +153,10 @@ def test_failure_summary_finds_the_cause_under_torchrun():
              "[rank1]: RuntimeError: Connection closed by peer", "Traceback (most recent call last):",
              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "error_file: <N/A>"]
     assert kr.failure_summary(lines) == "error: corpus.txt: file not found (data.source)"
+    # A rehearsal's dry run that exits 3 ends its report with what would stop the real run: that is the cause.
+    report = ["│ loss first → last │ 5.6822 → nan │", "└──────┴──────┘",
+              "the real run would stop: the loss was not finite for 4 steps in a row (from dry-run step 2)"]
+    assert kr.failure_summary(report) == report[-1]
 
 
 def test_repository_example_notebook_runs_offline_safe():

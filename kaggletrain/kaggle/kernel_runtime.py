@@ -229,7 +229,8 @@ def run_training(cmd: list[str], pkg_dir: Path, cwd: Path) -> None:
         raise RuntimeError(f"training exited with code {code}: {failure_summary(tail)}")
 
 
-_ERROR_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(error:|[\w.]*(Error|Exception)\b:?)")
+# (a dry run's report ends with "the real run would stop: ..." when it exits 3: a rehearsal's failure)
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(error:|the real run would stop:|[\w.]*(Error|Exception)\b:?)")
 
 
 def failure_summary(lines: list[str]) -> str:
