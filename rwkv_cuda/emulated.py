@@ -73,7 +73,7 @@ def _build():
         except Exception as e:  # no compiler, no ninja, a compile error, a damaged library
             error = build_failed(log_path, e, "the emulated WKV-7 kernel did not build: ")
             raise BuildError(f"{error}; see {log_path}") from e
-        mark_finished(build_dir, key)
+        mark_finished(build_dir, key, name)
     _state["seconds"] = time.perf_counter() - t0
     return module
 

@@ -171,29 +171,47 @@ def _check_toolchain() -> None:
         raise BuildError("ninja not found (pip install ninja)") from None
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_finished(build_dir: Path, name: str):
     """The module of a finished build in `build_dir` (see BUILT_MARK), imported as torch's loader would import
     it but without ninja, the toolchain, the lock or any write; None when the folder holds no finished build.
-    A marked build that no longer imports (a damaged file) is not an answer either: the caller rebuilds."""
-    library = build_dir / f"{name}.so"
-    if not ((build_dir / BUILT_MARK).is_file() and library.is_file()):
+    The mark records the library's SHA-256: a library changed since (truncated, say) is not imported -- a
+    damaged ELF can crash the process inside dlopen, beyond any except -- and is unmarked and removed where the
+    folder is writable, so that the caller's build links it again."""
+    library, mark = build_dir / f"{name}.so", build_dir / BUILT_MARK
+    if not (mark.is_file() and library.is_file()):
         return None
     try:
-        spec = importlib.util.spec_from_file_location(name, library)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except Exception:  # noqa: BLE001 - e.g. a truncated .so: forget the mark so that ninja links it again
-        with contextlib.suppress(OSError):
-            (build_dir / BUILT_MARK).unlink()
-            library.unlink()
-        return None
-    return module
+        recorded = mark.read_text().split()
+        intact = len(recorded) == 2 and recorded[1] == _digest(library)
+    except OSError:
+        intact = False
+    if intact:
+        try:
+            spec = importlib.util.spec_from_file_location(name, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except Exception:  # noqa: BLE001 - intact but not loadable here (e.g. a missing runtime library)
+            pass
+    with contextlib.suppress(OSError):
+        mark.unlink()
+        library.unlink()
+    return None
 
 
-def mark_finished(build_dir: Path, key: str) -> None:
-    """Record that `build_dir` holds a complete module (atomically: a reader sees the mark whole or not at all)."""
+def mark_finished(build_dir: Path, key: str, name: str) -> None:
+    """Record that `build_dir` holds a complete module, with its library's digest (atomically: a reader sees the
+    mark whole or not at all)."""
     tmp = build_dir / f"{BUILT_MARK}.{os.getpid()}.tmp"
-    tmp.write_text(f"{key}\n")
+    tmp.write_text(f"{key} {_digest(build_dir / f'{name}.so')}\n")
     os.replace(tmp, build_dir / BUILT_MARK)
 
 
@@ -247,7 +265,7 @@ def _build() -> object:
                 )
         except Exception as e:  # compile errors, toolkit/torch CUDA version mismatch, import errors
             raise build_failed(log_path, e) from e
-        mark_finished(build_dir, key)
+        mark_finished(build_dir, key, name)
     _state["seconds"] = time.perf_counter() - t0
     with open(log_path, "a") as log:
         log.write(f"loaded in {_state['seconds']:.1f} s\n")

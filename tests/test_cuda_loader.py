@@ -84,20 +84,35 @@ def test_a_finished_build_loads_without_the_toolchain_and_writes_nothing(finishe
     assert shutil.which("ninja", path=str(empty_path)) is None
 
 
-def test_a_damaged_build_is_not_loaded(tmp_path):
-    """A folder marked finished whose library does not import (truncated): load_finished answers None and
-    removes the mark and the library, so that the next build links it again instead of trusting it."""
+def test_a_damaged_build_is_not_loaded(finished_build, tmp_path):
+    """A marked library that changed since it was marked (truncated: importing it would crash the process inside
+    dlopen, a SIGBUS no except can catch) or that does not import: load_finished answers None, without importing
+    the changed one, and removes the mark and the library, so that the next build links it again."""
     from rwkv_cuda.loader import BUILT_MARK, load_finished, mark_finished
 
-    folder = tmp_path / "emu-0123456789abcdef"
-    folder.mkdir()
-    (folder / "kaggletrain_wkv7_emu_x.so").write_bytes(b"\x7fELF" + os.urandom(60))
-    assert load_finished(folder, "kaggletrain_wkv7_emu_x") is None  # not marked: not even tried
-    assert (folder / "kaggletrain_wkv7_emu_x.so").exists()
-    mark_finished(folder, "0123456789abcdef")
-    assert (folder / BUILT_MARK).read_text().strip() == "0123456789abcdef"
-    assert load_finished(folder, "kaggletrain_wkv7_emu_x") is None
-    assert sorted(p.name for p in folder.iterdir()) == []
+    name = next(p.stem for p in finished_build.glob("*.so"))
+    copy = tmp_path / "emu-copy"
+    copy.mkdir()
+    shutil.copy2(finished_build / f"{name}.so", copy / f"{name}.so")
+    mark_finished(copy, "0123456789abcdef", name)
+    assert (copy / BUILT_MARK).read_text().split()[0] == "0123456789abcdef"
+    with open(copy / f"{name}.so", "r+b") as f:
+        f.truncate(400_000)
+    probe = ("import sys; from pathlib import Path; from rwkv_cuda.loader import load_finished; "
+             "print(load_finished(Path(sys.argv[1]), sys.argv[2]))")
+    res = subprocess.run([sys.executable, "-c", probe, str(copy), name], capture_output=True, text=True, timeout=120,
+                         env=_child_env())
+    assert res.returncode == 0 and res.stdout.strip() == "None", (res.returncode, res.stderr[-2000:])
+    assert sorted(p.name for p in copy.iterdir()) == []
+
+    junk = tmp_path / "emu-junk"
+    junk.mkdir()
+    (junk / "kaggletrain_wkv7_emu_x.so").write_bytes(b"\x7fELF" + os.urandom(60))
+    assert load_finished(junk, "kaggletrain_wkv7_emu_x") is None  # not marked: not even tried
+    assert (junk / "kaggletrain_wkv7_emu_x.so").exists()
+    mark_finished(junk, "0123456789abcdef", "kaggletrain_wkv7_emu_x")  # marked as it is, but no library
+    assert load_finished(junk, "kaggletrain_wkv7_emu_x") is None
+    assert sorted(p.name for p in junk.iterdir()) == []
 
 
 def test_a_failed_build_says_why_in_one_line_and_in_its_log(tmp_path):

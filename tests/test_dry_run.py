@@ -285,7 +285,12 @@ def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
     proc = limited("train", path, "--dry-run", "--steps", "2")  # the table, from the same report
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
     out = " ".join(proc.stdout.split())
-    assert "n/a → n/a" in out and "out of memory:" in out and "'micro_batch_size': 4" in out, out
+    assert "n/a → n/a" in out and "suggestion: train.micro_batch_size=4 fits (tried micro batches 4: fits)" in out, out
+    # A rehearsal names the first "would stop" line as the cause: it must be one line, with the error in it.
+    from kaggletrain.kaggle.kernel_runtime import failure_summary
+
+    cause = failure_summary(proc.stdout.splitlines())
+    assert cause.startswith("the real run would stop: ") and "can't allocate memory" in cause, cause
 
     proc = limited("train", path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
@@ -381,6 +386,18 @@ def test_dry_run_meets_the_run_directory_as_the_real_run_would(tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = cli("train", cfg, f"out_dir={tmp_path / 'a_file'}", "--dry-run", "--steps", 2, "--json")
     assert proc.returncode == 0 and "cannot write the run directory (File exists)" in proc.stdout, proc.stdout
+    proc = cli("train", cfg, f"out_dir={tmp_path / 'a_file' / 'run'}", "--dry-run", "--steps", 2, "--json")
+    assert proc.returncode == 0 and "cannot write the run directory (Not a directory: " in proc.stdout, proc.stdout
+
+    # Optimizer state saved with other parameter groups (weight decay on): the real run stops with one line
+    # (it used to stop with a ValueError traceback), and the dry run warns of it.
+    real = cli("train", cfg, "train.max_steps=20", "train.weight_decay=0", "--resume")
+    assert real.returncode == 2 and "Traceback" not in real.stderr, real.stderr
+    assert "its optimizer state does not fit this run's trainable parameters (3 parameter groups saved, 2 in " \
+        "this run)" in " ".join(real.stderr.split()), real.stderr
+    proc = cli("train", cfg, "train.max_steps=20", "train.weight_decay=0", "--resume", "--dry-run", "--steps", 2,
+               "--json")
+    assert proc.returncode == 0 and "its optimizer state does not fit" in proc.stdout, (proc.stdout, proc.stderr)
     assert tree(run_dir) == before and not (tmp_path / "none").exists() and not (tmp_path / "fresh").exists()
 
 

@@ -96,7 +96,7 @@ def _warn_no_gpu_for_cuda() -> None:
         _warned_no_gpu.append(True)
         warnings.warn("WKV implementation 'cuda' (model.wkv_impl) needs a CUDA GPU, but the model runs on the CPU: "
                       "using the PyTorch chunked WKV instead ('auto' picks the kernel on a GPU and this on a CPU)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
 
 
 def wkv(r, w, k, v, a, b, state=None, impl: str = "auto"):

@@ -113,6 +113,29 @@ def is_fqn_optimizer_state(state: dict) -> bool:
     return any(isinstance(p, str) for g in groups for p in g.get("params", []))
 
 
+def optimizer_state_mismatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Optional[str]:
+    """Why a saved optimizer state (name- or index-keyed) cannot be loaded into `optimizer`, or None: its parameter
+    groups must hold the same parameters (by name, or by count for index-keyed states), group by group. Settings
+    such as train.weight_decay=0 or train.state_tuning change the groups."""
+    saved = state.get("param_groups") or []
+    own = optimizer.param_groups
+    names = _param_names(model, optimizer)
+    if len(saved) != len(own):
+        return f"{len(saved)} parameter groups saved, {len(own)} in this run"
+    start = 0
+    for i, (g_saved, g_own) in enumerate(zip(saved, own)):
+        mine = names[start:start + len(g_own["params"])]
+        start += len(g_own["params"])
+        label = g_own.get("name", f"#{i}")
+        if is_fqn_optimizer_state(state):
+            if list(g_saved["params"]) != mine:
+                extra = sorted(set(g_saved["params"]) ^ set(mine))[:2]
+                return f"group {label} holds other parameters ({', '.join(extra) or 'another order'})"
+        elif len(g_saved["params"]) != len(mine):
+            return f"group {label}: {len(g_saved['params'])} parameters saved, {len(mine)} in this run"
+    return None
+
+
 def optimizer_state_to_fqn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """An index-keyed Optimizer.state_dict() of (model, optimizer) → keyed by parameter name."""
     if is_fqn_optimizer_state(state):

@@ -149,6 +149,8 @@ def real_run_start(cfg, resume: bool | None) -> tuple[list[str], Path | None]:
     if out_dir.exists() and not out_dir.is_dir():
         return [f"{out_dir}: cannot write the run directory (File exists)"], None
     existing = next((p for p in (out_dir, *out_dir.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [f"{out_dir}: cannot write the run directory (Not a directory: {existing})"], None
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         return [f"{out_dir}: cannot write the run directory ({existing} is not writable)"], None
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if out_dir.is_dir() else None
@@ -387,10 +389,21 @@ def render_report(report: dict, as_json: bool = False) -> None:
     console.print(table)
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if report.get("out_of_memory"):
-        console.print(f"[red]out of memory:[/] {report['out_of_memory']}; suggestion: {report.get('suggestion')}",
-                      highlight=False)
+    # One unwrapped line each: a rehearsal (kaggle/kernel_runtime.failure_summary) quotes the first as the cause.
     for problem in report.get("real_run_would_stop", []):
-        if problem == report.get("out_of_memory"):
-            continue  # printed above, with the suggestion
         console.print(f"[bold red]the real run would stop:[/] {problem}", highlight=False, soft_wrap=True)
+    if report.get("suggestion"):
+        console.print(f"[yellow]suggestion:[/] {_suggestion_text(report['suggestion'])}", highlight=False,
+                      soft_wrap=True)
+
+
+def _suggestion_text(s: dict) -> str:
+    """The batch search's answer as overrides to copy, and what was tried."""
+    tried = ", ".join(f"{t['micro_batch_size']}{' + checkpointing' if t['gradient_checkpointing'] else ''}: "
+                      f"{'fits' if t['fits'] else 'out of memory'}" for t in s.get("tried", []))
+    if s.get("micro_batch_size") is None:
+        return f"{s.get('note', 'no batch fits')} (tried micro batches {tried})"
+    how = f"train.micro_batch_size={s['micro_batch_size']}"
+    if s.get("gradient_checkpointing"):
+        how += " train.gradient_checkpointing=true"
+    return f"{how} fits (tried micro batches {tried})"

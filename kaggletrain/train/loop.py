@@ -24,7 +24,7 @@ from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError
 from kaggletrain.train import checkpoint as ckpt
 from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, cleanup,
                                            dist_info_from_env, init_distributed, optimizer_state_from_fqn,
-                                           optimizer_state_to_fqn, raise_if_any_failed)
+                                           optimizer_state_mismatch, optimizer_state_to_fqn, raise_if_any_failed)
 from kaggletrain.train.metrics import MetricsWriter, plot_loss
 from kaggletrain.train.optim import build_optimizer, lr_at, set_lr
 from kaggletrain.train.out_of_memory import describe, is_out_of_memory
@@ -228,6 +228,13 @@ class Trainer:
                 sd = ckpt.load_model_state(ckpt_dir)
                 state = ckpt.load_trainer_state(ckpt_dir)
                 problem = self._state_mismatch(ckpt_dir, sd)
+                if problem is None and state and state.get("optimizer") is not None:
+                    why = optimizer_state_mismatch(self.model, self.optimizer, state["optimizer"])
+                    if why:  # (before any collective: every rank then stops alike)
+                        problem = (f"{ckpt_dir}: its optimizer state does not fit this run's trainable parameters "
+                                   f"({why}); resume with the train settings that wrote it (e.g. train.weight_decay,"
+                                   f" train.state_tuning), or start a new run from its weights: "
+                                   f"model.init_from={ckpt_dir}")
             except KaggletrainError as e:
                 if not self.dist.enabled:
                     raise
