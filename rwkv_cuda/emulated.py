@@ -14,10 +14,8 @@ import hashlib
 import os
 import sys
 import threading
-import time
 
-from rwkv_cuda.loader import (HEADERS, SOURCES, SRC_DIR, BuildError, _output_to, build_failed, build_once, cache_root,
-                               file_lock, load_finished, mark_finished)
+from rwkv_cuda.loader import HEADERS, SOURCES, SRC_DIR, BuildError, build_once, cache_root, load_or_build
 
 ENV = "KAGGLETRAIN_WKV_EMULATE"
 EMU_SOURCES = ("wkv7_emu_torch.cpp", "cuda_emu.h")
@@ -49,33 +47,24 @@ def _build():
 
     key = _key()
     build_dir = cache_root() / f"emu-{key}"
-    log_path = build_dir / "build.log"
-    _state["log"], _state["dir"] = log_path, build_dir
     name = f"kaggletrain_wkv7_emu_{key}"
-    t0 = time.perf_counter()
-    module = load_finished(build_dir, name)  # a finished build needs no compiler, ninja or lock
-    if module is not None:
-        _state["seconds"] = time.perf_counter() - t0
-        return module
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(build_dir / "build.lock"):
-        try:
-            with _output_to(log_path):
-                module = cpp_extension.load(
-                    name=name,
-                    sources=[str(SRC_DIR / "wkv7_emu_torch.cpp")],
-                    extra_include_paths=[str(SRC_DIR)],
-                    extra_cflags=list(EMU_FLAGS),
-                    build_directory=str(build_dir),
-                    with_cuda=False,
-                    verbose=True,
-                )
-        except Exception as e:  # no compiler, no ninja, a compile error, a damaged library
-            error = build_failed(log_path, e, "the emulated WKV-7 kernel did not build: ")
-            raise BuildError(f"{error}; see {log_path}") from e
-        mark_finished(build_dir, key, name)
-    _state["seconds"] = time.perf_counter() - t0
-    return module
+
+    def compile_module():
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SRC_DIR / "wkv7_emu_torch.cpp")],
+            extra_include_paths=[str(SRC_DIR)],
+            extra_cflags=list(EMU_FLAGS),
+            build_directory=str(build_dir),
+            with_cuda=False,
+            verbose=True,
+        )
+
+    try:
+        return load_or_build(_state, build_dir, key, name, compile_module,
+                             what="the emulated WKV-7 kernel did not build: ")
+    except BuildError as e:  # (no fallback here: the message names the log itself)
+        raise BuildError(f"{e}; see {_state['log']}") from e
 
 
 def load_emulated():

@@ -224,6 +224,34 @@ def build_failed(log_path: Path, e: BaseException, what: str = "") -> BuildError
     return BuildError(f"{what}{type(e).__name__}{': ' + last if last else ''}")
 
 
+def load_or_build(state: dict, build_dir: Path, key: str, name: str, compile_module, prepare=None, what: str = ""):
+    """The module `name` of build_dir: a finished build imported directly (load_finished), else prepare(log path)
+    (checks that note themselves in the log), then compile_module() under the folder's lock with its output in
+    build.log, marked finished once it has loaded. Records the log, the folder and the seconds in `state`; a
+    failure raises build_failed's BuildError (prefixed with `what`). Shared by the CUDA and emulated builds."""
+    log_path = build_dir / "build.log"
+    state["log"], state["dir"] = log_path, build_dir
+    t0 = time.perf_counter()
+    module = load_finished(build_dir, name)
+    if module is not None:
+        state["seconds"] = time.perf_counter() - t0
+        return module
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if prepare is not None:
+        prepare(log_path)
+    with file_lock(build_dir / "build.lock"):
+        try:
+            with _output_to(log_path):
+                module = compile_module()
+        except Exception as e:  # compile errors, no compiler or ninja, version mismatches, import errors
+            raise build_failed(log_path, e, what) from e
+        mark_finished(build_dir, key, name)
+    state["seconds"] = time.perf_counter() - t0
+    with open(log_path, "a") as log:
+        log.write(f"loaded in {state['seconds']:.1f} s\n")
+    return module
+
+
 def _build() -> object:
     import torch
     from torch.utils import cpp_extension
@@ -232,44 +260,33 @@ def _build() -> object:
         raise BuildError("no CUDA GPU visible to torch")
     arch = _arch()
     key = build_key(arch)
-    build_dir = cache_root() / key
-    log_path = build_dir / "build.log"
-    _state["log"], _state["dir"] = log_path, build_dir
     name = f"kaggletrain_wkv7_{key}"
-    t0 = time.perf_counter()
-    module = load_finished(build_dir, name)
-    if module is not None:
-        _state["seconds"] = time.perf_counter() - t0
-        return module
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} CUDA {torch.version.cuda}"
-                  f" sm_{arch[0]}{arch[1]} {torch.cuda.get_device_name()} pid {os.getpid()}\n")
-        try:
-            _check_toolchain()
-        except BuildError as e:
-            log.write(f"NOT BUILT: {e}\n")
-            raise
-    with file_lock(build_dir / "build.lock"):
-        try:
-            with _env(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1]}"), _output_to(log_path):
-                module = cpp_extension.load(
-                    name=name,
-                    sources=[str(SRC_DIR / s) for s in SOURCES],
-                    extra_include_paths=[str(SRC_DIR)],
-                    extra_cflags=list(CXX_FLAGS),
-                    extra_cuda_cflags=_flags(arch),
-                    build_directory=str(build_dir),
-                    with_cuda=True,
-                    verbose=True,
-                )
-        except Exception as e:  # compile errors, toolkit/torch CUDA version mismatch, import errors
-            raise build_failed(log_path, e) from e
-        mark_finished(build_dir, key, name)
-    _state["seconds"] = time.perf_counter() - t0
-    with open(log_path, "a") as log:
-        log.write(f"loaded in {_state['seconds']:.1f} s\n")
-    return module
+
+    def prepare(log_path: Path) -> None:
+        with open(log_path, "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} CUDA {torch.version.cuda}"
+                      f" sm_{arch[0]}{arch[1]} {torch.cuda.get_device_name()} pid {os.getpid()}\n")
+            try:
+                _check_toolchain()
+            except BuildError as e:
+                log.write(f"NOT BUILT: {e}\n")
+                raise
+
+    def compile_module():
+        with _env(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1]}"):
+            return cpp_extension.load(
+                name=name,
+                sources=[str(SRC_DIR / s) for s in SOURCES],
+                extra_include_paths=[str(SRC_DIR)],
+                extra_cflags=list(CXX_FLAGS),
+                extra_cuda_cflags=_flags(arch),
+                build_directory=str(build_dir),
+                with_cuda=True,
+                verbose=True,
+            )
+
+    build_dir = cache_root() / key
+    return load_or_build(_state, build_dir, key, name, compile_module, prepare)
 
 
 def build_once(state: dict, key: str, build, warn: bool, unavailable: str):

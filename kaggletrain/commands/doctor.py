@@ -21,13 +21,15 @@ def _tool(name: str, version_args: list[str]) -> tuple[str | None, str]:
 
         from torch.utils.cpp_extension import CUDA_HOME
 
+        from rwkv_cuda.loader import BuildError, nvcc_in
+
         # The kernel build runs CUDA_HOME's nvcc (torch's choice: $CUDA_HOME, else PATH's nvcc, else
         # /usr/local/cuda; None in a CPU-only torch), which need not be the first one on PATH.
         if CUDA_HOME:
-            home_nvcc = Path(CUDA_HOME) / "bin" / "nvcc"
-            if not home_nvcc.exists():
-                return None, f"not found in CUDA_HOME={CUDA_HOME} (the kernel build looks there)"
-            path = str(home_nvcc)
+            try:
+                path = str(nvcc_in(CUDA_HOME))
+            except BuildError as e:
+                return None, str(e)
         elif path is None and Path("/usr/local/cuda/bin/nvcc").exists():
             path = "/usr/local/cuda/bin/nvcc"
     if path is None:

@@ -60,7 +60,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     warmup = min(2, steps - 1)
     start_problems, resume_from = ([], None) if _trial else real_run_start(cfg, resume)
     tmp = tempfile.TemporaryDirectory(prefix="kaggletrain-dry-")
-    restore_sigterm = None if _trial else _sigterm_as_exit()  # so that the temporary directory goes too
+    restore_sigterm = _sigterm_as_exit()  # so that the temporary directory goes too
     dcfg = copy.deepcopy(cfg)
     dcfg.out_dir = str(Path(tmp.name) / "run")
     dcfg.logging = dataclasses.replace(dcfg.logging, progress=False, tensorboard=False, plot=False)
@@ -129,8 +129,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     finally:
         trainer.close()
         tmp.cleanup()
-        if restore_sigterm is not None:
-            restore_sigterm()
+        restore_sigterm()
     if oom:  # the steps or the evaluation batch: both shrink with the micro batch
         del trainer  # (a distributed run's trainer stays held: see above)
         _release()
@@ -146,11 +145,10 @@ def real_run_start(cfg, resume: bool | None) -> tuple[list[str], Path | None]:
 
     out_dir = Path(cfg.out_dir)
     resume = cfg.checkpoint.resume if resume is None else resume
-    if out_dir.exists() and not out_dir.is_dir():
-        return [f"{out_dir}: cannot write the run directory (File exists)"], None
     existing = next((p for p in (out_dir, *out_dir.absolute().parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return [f"{out_dir}: cannot write the run directory (Not a directory: {existing})"], None
+    if existing is not None and not existing.is_dir():  # (the real run's mkdir: "File exists", "Not a directory")
+        why = "File exists" if existing == out_dir else f"Not a directory: {existing}"
+        return [f"{out_dir}: cannot write the run directory ({why})"], None
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         return [f"{out_dir}: cannot write the run directory ({existing} is not writable)"], None
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if out_dir.is_dir() else None

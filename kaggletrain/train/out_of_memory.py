@@ -35,9 +35,10 @@ def is_out_of_memory(e: BaseException) -> bool:
 def reading(path, e: BaseException) -> MemoryError:
     """The error to raise when reading `path` ran out of memory, in place of a file reader's own (which would
     call a sound file truncated or corrupt)."""
+    from kaggletrain.bench.common import fmt_bytes  # (imports torch: the readers that call this have it loaded)
+
     try:
-        size = os.path.getsize(path)
-        size_text = f" ({size / 2**30:.2f} GiB)" if size >= 2**30 else f" ({size / 2**20:.1f} MiB)"
+        size_text = f" ({fmt_bytes(os.path.getsize(path))})"
     except OSError:
         size_text = ""
     return MemoryError(f"out of memory reading {path}{size_text}: {describe(e)}")
