@@ -168,6 +168,19 @@ def test_future_and_foreign_checkpoints_are_rejected(tmp_path):
         ckpt.load_model_state(step)
 
 
+def test_a_bad_init_from_names_the_key_and_the_file(tmp_path):
+    """model.init_from pointing at nothing, or at a file that holds no weights: one line naming the key (the
+    readers name only the file) and the file, before anything is written."""
+    cfg = write_config(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for target in (tmp_path / "missing.pth", tmp_path / "notes.txt"):
+        proc = run_cli("train", cfg, f"model.init_from={target}", check=False)
+        err = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert err.startswith("error: model.init_from: ") and target.name in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_compile_on_cpu_is_a_clear_error(tmp_path):
     """train.compile is a GPU feature; on CPU it is refused in one line before anything is written."""
     cfg = write_config(tmp_path, compile=True, device="cpu")
