@@ -16,8 +16,8 @@ from rwkv_cuda.loader import HEAD_SIZES, build_info, kernel_available, load_exte
 __all__ = ["kernel_available", "wkv_cuda", "load_extension", "build_info", "HEAD_SIZES"]
 
 
-def wkv_cuda(r, w, k, v, a, b, state=None):
+def wkv_cuda(r, w, k, v, a, b, state=None, rehearsal=False):
     """WKV-7 forward with autograd on the GPU; see rwkv_cuda.function.wkv_cuda."""
     from rwkv_cuda.function import wkv_cuda as _wkv_cuda
 
-    return _wkv_cuda(r, w, k, v, a, b, state)
+    return _wkv_cuda(r, w, k, v, a, b, state, rehearsal=rehearsal)

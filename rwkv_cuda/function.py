@@ -140,16 +140,18 @@ def _io_dtype_name(N: int, dtype_name: str, device_type: str) -> str:
     return dtype_name if ext.supported(N, dtype_name) else ""
 
 
-def wkv_cuda(r, w, k, v, a, b, state=None):
+def wkv_cuda(r, w, k, v, a, b, state=None, rehearsal=False):
     """WKV-7 on the GPU. r, w, k, v, a, b: [B, T, H, N] (float32/float16/bfloat16; w may be float32 with
     half-precision rest); state: optional [B, H, N, N] float32 [value, key]. Returns (y in r's dtype,
-    final state float32). Differentiable in all inputs and the initial state."""
+    final state float32). Differentiable in all inputs and the initial state. `rehearsal`: fake tensors
+    (kaggletrain/train/memory_rehearsal.py) go through the custom operators, whose fake functions need
+    neither the extension nor a GPU."""
     if r.dim() != 4:
         raise ValueError(f"wkv_cuda: r must be [B, T, H, N], got shape {tuple(r.shape)}")
     for name, t in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
         if t.shape != r.shape:
             raise ValueError(f"wkv_cuda: {name} has shape {tuple(t.shape)}, expected {tuple(r.shape)}")
-    if not (r.is_cuda or (r.device.type == "cpu" and emulated.enabled())):
+    if not (rehearsal or r.is_cuda or (r.device.type == "cpu" and emulated.enabled())):
         raise ValueError(f"wkv_cuda needs CUDA tensors (or CPU tensors with {emulated.ENV}=1), got {r.device}")
     if r.dtype not in _IO_DTYPES:
         raise ValueError(f"wkv_cuda supports float32/float16/bfloat16 inputs, got {r.dtype}")
@@ -157,7 +159,8 @@ def wkv_cuda(r, w, k, v, a, b, state=None):
     if state is not None and tuple(state.shape) != (B, H, N, N):
         raise ValueError(f"wkv_cuda: state must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
     out_dtype = r.dtype
-    io_name = _io_dtype_name(N, str(out_dtype).replace("torch.", ""), r.device.type)
+    io_name = str(out_dtype).replace("torch.", "") if rehearsal else \
+        _io_dtype_name(N, str(out_dtype).replace("torch.", ""), r.device.type)
     if not io_name:
         raise ValueError(f"wkv_cuda: no kernel for head size {N} ({out_dtype})")
     io = getattr(torch, io_name)
@@ -169,7 +172,7 @@ def wkv_cuda(r, w, k, v, a, b, state=None):
     s_ = None if state is None else state.float()
     # Inference (no gradient needed) skips the checkpoints the backward would need.
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r_, w_, k_, v_, a_, b_, s_))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or rehearsal:
         y, sT, _, _ = torch.ops.kaggletrain.wkv7_forward(r_, w_, k_, v_, a_, b_, s_, save)
     elif save:
         y, sT = WKV7Function.apply(r_, w_, k_, v_, a_, b_, s_)

@@ -172,6 +172,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                     : "new");
         },
         "the backward that runs now: KAGGLETRAIN_WKV_BWD=old|new|chunk|fused|scan, else the default");
+  m.def("bwd_scratch_floats", [](int B, int T, int H, int N) {
+          return wkv7::bwd_scratch_floats(B, T, H, N, wkv7::resolve_bwd_variant(wkv7::kBwdAuto));
+        },
+        "float32 scratch the backward that runs now allocates for this shape (memory_rehearsal.py mirrors it)");
   m.def("fwd_variant", []() { return std::string(wkv7::resolve_fwd_variant(wkv7::kFwdAuto) == wkv7::kFwdChunk ? "chunk" : "seq"); },
         "the forward that runs now: KAGGLETRAIN_WKV_FWD=seq|chunk (chunk only where built: sm_80+), else the default");
   m.def("split", [](int64_t BH) { return wkv7::resolve_split(0, (long long)BH); },

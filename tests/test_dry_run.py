@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kaggletrain.train.metrics import read_metrics
@@ -64,7 +65,11 @@ def test_dry_run_reports_every_field_and_leaves_the_run_directory_alone(tmp_path
     assert 0 < rep["step_cpu_time_s"] < 60
     assert rep["projected_run_s"] >= 48 * rep["step_time_s"]
     assert rep["fits_kaggle_session"] is True and rep["fits_t4"] is True
-    assert 0 < rep["projected_t4_memory_gb"] < 16
+    assert 0 < rep["projected_t4_memory_gb"] < 16 and rep["t4_memory_method"].startswith("rehearsed: ")
+    parts = rep["t4_memory_breakdown"]
+    assert parts["weights"] > 0 and parts["adamw_moments"] == 2 * parts["gradients"] > 0
+    assert sum(parts.values()) == pytest.approx(rep["projected_t4_memory_gb"] * 1e9)
+    assert rep["t4_micro_batch_that_fits"] is None and rep["rehearsed_peak_memory_bytes"] is None  # (a CPU)
     assert rep["precision"] == "fp32" and rep["wkv_impl"] in ("chunked", "sequential")
     assert rep["attention_backend"].startswith("none")
     assert math.isfinite(rep["val_loss_one_batch"])
@@ -279,7 +284,10 @@ def test_a_real_out_of_memory_is_answered_with_a_batch_that_fits(tmp_path):
                                  "tried": [{"micro_batch_size": 4, "gradient_checkpointing": False, "fits": True}]}
     # No step finished: nothing to project from, and the JSON says so with nulls (it used to print NaN).
     assert rep["step_time_s"] is None and rep["projected_run_s"] is None and rep["fits_kaggle_session"] is None
-    assert rep["projected_t4_memory_gb"] is None and rep["fits_t4"] is None and rep["first_loss"] is None
+    assert rep["first_loss"] is None
+    # The T4 projection is rehearsed on fake tensors, not taken from the measured peak: it stands.
+    assert rep["t4_memory_method"].startswith("rehearsed") and rep["fits_t4"] is True
+    assert 0 < rep["projected_t4_memory_gb"] < 1
     assert not (tmp_path / "run").exists()
 
     proc = limited("train", path, "--dry-run", "--steps", "2")  # the table, from the same report
@@ -439,3 +447,33 @@ def test_sigterm_ends_a_dry_run_without_leaving_its_temporary_directory(tmp_path
     assert proc.returncode == 143, (proc.returncode, err)
     assert "Traceback" not in err, err
     assert list(scratch.iterdir()) == []
+
+
+def test_a_config_too_big_for_a_t4_gets_the_micro_batch_that_fits(tmp_path):
+    """The T4 projection is rehearsed (train/memory_rehearsal.py) at the configured micro batch; when it does not
+    fit, the largest micro batch that does is found the same way, without running a step at either size."""
+    from kaggletrain.config import load_config
+    from kaggletrain.train import dry_run as dr
+    from kaggletrain.train.loop import Trainer
+
+    path = write_config(tmp_path, seq_len=4096, batch_size=128, micro_batch_size=128)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"].update(hidden_size=256, head_size=64)
+    path.write_text(yaml.safe_dump(raw))
+    (tmp_path / "corpus.txt").write_text("abcdefghij klmnopqrstuvwxyz.\n" * 20000)  # longer than one window
+    cfg = load_config(path)
+    trainer = Trainer(cfg, resume=False, progress=False)
+    try:
+        trainer.setup()
+        warnings = []
+        t4 = dr.t4_projection(cfg, trainer, 0, 0, None, warnings)
+        fit = t4["fit"]
+        assert not dr.fits_t4(t4["bytes"]) and fit["gradient_checkpointing"] is False
+        assert 128 % fit["micro_batch_size"] == 0 and 1 <= fit["micro_batch_size"] < 128
+        assert dr.fits_t4(fit["projected_gb"] * 1e9)
+        bigger = dr._rehearse(trainer, trainer.model, 2 * fit["micro_batch_size"], 1, torch.float16).peak_bytes
+        assert not dr.fits_t4(bigger)  # the largest that fits
+        assert warnings == [f"projected T4 memory {t4['bytes'] / 1e9:.1f} GB does not fit a 16 GB T4: "
+                            f"train.micro_batch_size={fit['micro_batch_size']} would ({fit['projected_gb']:.1f} GB)"]
+    finally:
+        trainer.close()

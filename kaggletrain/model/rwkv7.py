@@ -239,7 +239,10 @@ class RWKV7TimeMix(nn.Module):
         # projection takes its input in that dtype anyway. Without autocast: float32, unchanged.
         y = amp_input(y)
         # Bonus term uses the modified k and the mixed v.
-        bonus = (r.view(B, T, H, N) * (k.view(B, T, H, N) * self.r_k.to(y.dtype))).sum(-1, keepdim=True)
+        # dtype=y.dtype: without it CUDA autocast sums half inputs into float32 (its fp32_set_opt_dtype
+        # policy), which would turn bonus * v, y and the gate into float32 [B, T, C] tensors.
+        bonus = (r.view(B, T, H, N) * (k.view(B, T, H, N) * self.r_k.to(y.dtype))).sum(-1, keepdim=True,
+                                                                                      dtype=y.dtype)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         y = y * g
         # Half-precision weights without autocast (optimize_for_inference): the projection's dtype.
@@ -273,7 +276,10 @@ class RWKV7ChannelMix(nn.Module):
         x = amp_input(x)
         prev, new_shift = token_shift(x, shift, valid)
         k = mix(x, prev - x, self.x_k)
-        out = self.value(torch.relu(self.key(k)) ** 2)
+        # h * h, not h ** 2: CUDA autocast runs pow in float32, a float32 [B, T, 4C] copy per layer that the
+        # value projection then casts back. The product is the same (pow(x, 2) is x * x in ATen).
+        h = torch.relu(self.key(k))
+        out = self.value(h * h)
         mid = None
         if split is not None:
             _, mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])

@@ -17,6 +17,7 @@ Implementations:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -70,10 +71,28 @@ def _kernel_loads(head_size: int) -> bool:
     return kernel_available(head_size)
 
 
+_kernel_rehearsal = []  # non-empty inside rehearse_kernel_operators()
+
+
+@contextlib.contextmanager
+def rehearse_kernel_operators():
+    """Inside: "auto" and "cuda" resolve to the CUDA kernel's operators for any device, with neither the
+    kernel nor a GPU present. Only for fake tensors (train/memory_rehearsal.py), whose operator calls run
+    the operators' fake functions: shapes and dtypes of what the kernel returns and keeps for backward."""
+    _kernel_rehearsal.append(True)
+    try:
+        yield
+    finally:
+        _kernel_rehearsal.pop()
+
+
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
     """Which implementation `wkv(..., impl=impl)` will actually run for inputs like `r`."""
     if impl not in IMPLS:
         raise ValueError(f"wkv impl must be one of {IMPLS}, got {impl!r}")
+    if _kernel_rehearsal and impl in ("auto", "cuda") and r.shape[1] > 1 and r.dtype != torch.float64 \
+            and int(r.shape[-1]) in _kernel_head_sizes():
+        return "cuda"
     if impl == "cuda":
         if _cuda_available_for(r):
             return "cuda"
@@ -112,5 +131,5 @@ def _dispatch(r, w, k, v, a, b, state, impl):
     if which == "cuda":
         from rwkv_cuda import wkv_cuda
 
-        return wkv_cuda(r, w, k, v, a, b, state)
+        return wkv_cuda(r, w, k, v, a, b, state, rehearsal=bool(_kernel_rehearsal))
     return _chunked(r, w, k, v, a, b, state)

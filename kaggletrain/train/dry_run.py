@@ -233,12 +233,10 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     n_ckpts = events(start_step, t.max_steps, cfg.checkpoint.every_steps)
     projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
                    if step_s is not None else None)
-    static = n_train * BYTES_PER_TRAINABLE + (n_params - n_train) * BYTES_PER_FROZEN
-    activation = max(0, peak - (static if device.type == "cuda" else rss_before + static))
-    # Activations scale with precision (fp16 halves fp32 activations) and with the per-GPU micro batch. After an
-    # out-of-memory the peak is only a lower bound: no projection.
-    act_scale = 0.5 if trainer.precision.name == "fp32" else 1.0
-    t4_bytes = None if oom else static + activation * act_scale
+    warnings = []
+    t4 = t4_projection(cfg, trainer, peak, rss_before, oom, warnings)
+    t4_bytes = t4["bytes"]
+    rehearsed_here = _rehearse_this_gpu(cfg, trainer, warnings) if device.type == "cuda" else None
     would_stop = [problem for problem in (oom, ckpt_oom) if problem]
     bad = _nonfinite_run(losses)
     if bad and not trainer.scaler.is_enabled():  # (fp16's loss scaler skips such steps: the real run too)
@@ -254,7 +252,6 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
                           "steps: lower train.lr, or check the data")
     probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
                         dtype=trainer.precision.amp_dtype or torch.float32)
-    warnings = []
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if t.precision == "bf16" and cap[0] < 8:
@@ -293,11 +290,11 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "projected_checkpoints": n_ckpts,
         "fits_kaggle_session": projected_s / 3600 <= KAGGLE_SESSION_HOURS if projected_s is not None else None,
         "projected_t4_memory_gb": t4_bytes / 1e9 if t4_bytes is not None else None,
-        "fits_t4": t4_bytes / 1e9 <= T4_MEMORY_GB * 0.92 if t4_bytes is not None else None,
-        "t4_memory_method": ("static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen x 4 B; "
-                             "activations = measured peak of the steps and the evaluation batch minus static (minus "
-                             "the process baseline on CPU), halved when measured in fp32 since a T4 trains in fp16; "
-                             "per-GPU micro batch as configured; none after an out-of-memory"),
+        "fits_t4": fits_t4(t4_bytes) if t4_bytes is not None else None,
+        "t4_memory_method": t4["method"],
+        "t4_memory_breakdown": t4.get("breakdown"),
+        "t4_micro_batch_that_fits": t4.get("fit"),
+        "rehearsed_peak_memory_bytes": rehearsed_here,
         "precision": trainer.precision.name,
         "wkv_impl": resolve_impl(model.config.wkv_impl, probe),
         "attention_backend": _attention_backend(device, bool(model.config.attention_layers)),
@@ -309,6 +306,111 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "warnings": warnings,
         "_would_stop": would_stop,
     }
+
+
+def fits_t4(nbytes: float) -> bool:
+    """Room is left for the CUDA context and the allocator's fragmentation, which no peak counts."""
+    return nbytes / 1e9 <= T4_MEMORY_GB * 0.92
+
+
+def _t4_dtype(precision: str):
+    """The autocast dtype a T4 trains this config in ("auto": fp16, the T4 has no bf16)."""
+    return {"fp32": None, "bf16": torch.bfloat16}.get(precision, torch.float16)
+
+
+def _rehearse(trainer, model, micro: int, accum: int, amp_dtype, kernel: bool = True):
+    from kaggletrain.train.memory_rehearsal import rehearse_step
+
+    t = trainer.cfg.train
+    return rehearse_step(model, micro_batch=micro, seq_len=t.seq_len, amp_dtype=amp_dtype, accum=accum,
+                         use_chunking=t.use_chunking, bptt=t.bptt, l2wrap=t.l2wrap, kernel=kernel)
+
+
+def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
+    """The T4's peak for this config: measured when this is a T4, else rehearsed on fake tensors
+    (train/memory_rehearsal.py), with the largest micro batch that fits when the configured one does not.
+    Falls back to the measured peak scaled for fp16 if the rehearsal fails."""
+    device, model = trainer.device, trainer.model
+    if device.type == "cuda" and "T4" in torch.cuda.get_device_name(device):
+        return {"bytes": None if oom else peak, "method": "measured on this T4 (torch.cuda.max_memory_allocated)"}
+    dtype = _t4_dtype(cfg.train.precision)
+    try:
+        r = _rehearse(trainer, model, trainer.micro, trainer.accum, dtype)
+    except Exception as e:  # the projection is an estimate: never the reason a dry run fails
+        warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"the T4 projection comes from the measured peak instead")
+        return _t4_from_measured(trainer, peak, rss_before, oom)
+    out = {"bytes": r.peak_bytes, "method": r.method,
+           "breakdown": {"weights": r.weight_bytes, "gradients": r.gradient_bytes, "adamw_moments": r.optimizer_bytes,
+                         "activations_and_temporaries": r.peak_bytes - r.weight_bytes - r.gradient_bytes
+                         - r.optimizer_bytes}}
+    if not fits_t4(r.peak_bytes):
+        out["fit"] = _t4_fitting_micro_batch(trainer, dtype)
+        fit = out["fit"]
+        how = ("no micro batch fits, even with gradient checkpointing: a smaller model or train.use_chunking"
+               if fit is None else f"train.micro_batch_size={fit['micro_batch_size']}"
+               + (" train.gradient_checkpointing=true" if fit["gradient_checkpointing"] else "")
+               + f" would ({fit['projected_gb']:.1f} GB)")
+        warnings.append(f"projected T4 memory {r.peak_bytes / 1e9:.1f} GB does not fit a 16 GB T4: {how}")
+    return out
+
+
+def _t4_fitting_micro_batch(trainer, dtype):
+    """The largest per-GPU micro batch that divides the batch and whose rehearsed T4 peak fits (memory grows
+    with the micro batch: a bisection over the divisors); failing that, micro batch 1 with gradient
+    checkpointing. None if nothing fits."""
+    t, model = trainer.cfg.train, trainer.model
+    per_gpu = trainer.micro * trainer.accum
+    sizes = [m for m in range(1, trainer.micro) if per_gpu % m == 0]
+    best, lo, hi = None, 0, len(sizes) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        peak = _rehearse(trainer, model, sizes[mid], per_gpu // sizes[mid], dtype).peak_bytes
+        if fits_t4(peak):
+            best, lo = {"micro_batch_size": sizes[mid], "gradient_checkpointing": False, "projected_gb": peak / 1e9}, mid + 1
+        else:
+            hi = mid - 1
+    if best is None and not t.gradient_checkpointing:
+        was = model._grad_ckpt
+        model._grad_ckpt = True  # (the mode the trainer would set stays as configured)
+        try:
+            peak = _rehearse(trainer, model, 1, per_gpu, dtype).peak_bytes
+        finally:
+            model._grad_ckpt = was
+        if fits_t4(peak):
+            best = {"micro_batch_size": 1, "gradient_checkpointing": True, "projected_gb": peak / 1e9}
+    return best
+
+
+def _t4_from_measured(trainer, peak, rss_before, oom) -> dict:
+    """The older estimate: the measured peak minus the static memory, halved when measured in fp32."""
+    model, device = trainer.model, trainer.device
+    n_params, n_train = model.num_parameters(), model.num_parameters(trainable_only=True)
+    static = n_train * BYTES_PER_TRAINABLE + (n_params - n_train) * BYTES_PER_FROZEN
+    activation = max(0, peak - (static if device.type == "cuda" else rss_before + static))
+    act_scale = 0.5 if trainer.precision.name == "fp32" else 1.0
+    return {"bytes": None if oom else static + activation * act_scale,
+            "method": ("static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen x 4 B; "
+                       "activations = measured peak of the steps and the evaluation batch minus static (minus "
+                       "the process baseline on CPU), halved when measured in fp32 since a T4 trains in fp16; "
+                       "per-GPU micro batch as configured; none after an out-of-memory")}
+
+
+def _rehearse_this_gpu(cfg, trainer, warnings: list):
+    """The rehearsal for this GPU's own precision and WKV, to set beside the allocator's measured peak (how
+    close the T4 projection is, checked wherever a GPU runs the dry run)."""
+    from kaggletrain.ops.wkv import resolve_impl
+
+    probe = torch.empty(1, 2, 1, trainer.model.config.head_size, device=trainer.device,
+                        dtype=trainer.precision.amp_dtype or torch.float32)
+    try:
+        kernel = resolve_impl(trainer.model.config.wkv_impl, probe) == "cuda"
+        return _rehearse(trainer, trainer.model, trainer.micro, trainer.accum, trainer.precision.amp_dtype,
+                         kernel).peak_bytes
+    except Exception as e:
+        warnings.append(f"the memory rehearsal for this GPU failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})")
+        return None
 
 
 def _cpu_name() -> str:
@@ -379,6 +481,8 @@ def render_report(report: dict, as_json: bool = False) -> None:
         ("precision / WKV / attention", f"{report['precision']} / {report['wkv_impl']} / {report['attention_backend']}"),
         ("loss first → last", f"{num(report['first_loss'], '.4f')} → {num(report['last_loss'], '.4f')}"),
     ]
+    if report.get("rehearsed_peak_memory_bytes"):  # a GPU: how close the rehearsal behind the T4 projection is
+        rows.insert(6, ("rehearsed peak (this GPU)", gb(report["rehearsed_peak_memory_bytes"])))
     if report.get("resumes_from"):
         rows.insert(3, ("resumes from", f"{report['resumes_from']} (step {report['start_step']})"))
     for k, v in rows:
