@@ -87,6 +87,18 @@ def main() -> None:
     activation_peak = torch.cuda.max_memory_allocated() - before
     tokens = args.batch * args.seq
     n_params = model.num_parameters()
+    # The dry run's memory rehearsal of this very step (fake tensors on the CPU; eager even with --compile):
+    # how close the T4 projection's method is to the allocator, at this scale.
+    from kaggletrain.train.memory_rehearsal import rehearse_step
+
+    t0 = time.perf_counter()
+    try:
+        rehearsed = rehearse_step(model, micro_batch=args.batch, seq_len=args.seq, amp_dtype=prec.amp_dtype,
+                                  kernel=impl == "cuda", l2wrap=False).peak_bytes
+    except Exception as e:  # the measured numbers above must still be reported
+        print(f"memory rehearsal failed: {type(e).__name__}: {e}")
+        rehearsed = float("nan")
+    rehearsal_s = time.perf_counter() - t0
     res = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "precision": prec.name, "wkv_impl": impl,
         "params": n_params, "batch": args.batch, "seq": args.seq, "grad_ckpt": args.grad_ckpt,
@@ -94,13 +106,15 @@ def main() -> None:
         "step_ms_median": step * 1000, "step_ms_min": min(times) * 1000, "step_ms_max": max(times) * 1000,
         "tokens_per_s": tokens / step, "peak_mem_gib": peak_all / 2**30,
         "activation_mem_gib": activation_peak / 2**30,
+        "rehearsed_peak_gib": rehearsed / 2**30, "rehearsal_s": rehearsal_s,
         "final_loss": float(loss),
     }
     tag = " compiled" if args.compile else ""
     print(f"TRAIN{tag} {res['card']} {res['precision']} wkv={impl} params={n_params / 1e6:.1f}M B={args.batch} "
           f"T={args.seq}: {res['tokens_per_s']:,.0f} tok/s, step {res['step_ms_median']:.1f} ms "
           f"[{res['step_ms_min']:.1f}, {res['step_ms_max']:.1f}], peak {res['peak_mem_gib']:.1f} GiB, "
-          f"activations {res['activation_mem_gib']:.2f} GiB" + (" (grad ckpt)" if args.grad_ckpt else ""))
+          f"activations {res['activation_mem_gib']:.2f} GiB, rehearsed peak {res['rehearsed_peak_gib']:.1f} GiB"
+          + (" (grad ckpt)" if args.grad_ckpt else ""))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -96,7 +96,8 @@ echo "== dry run that runs out of memory (issue 11: the batch search on a GPU)"
 DRY3_RC=1
 H100CFG="configs/rwkv7_0.1b_h100.yaml data.source=builtin data.tokenizer=byte"  # byte ids < vocab 65536
 # Out of memory on purpose (2M tokens per micro-batch): the dry run must answer with a batch that fits.
-enough 40 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 \
+# (+30 s since session 14: the T4 rehearsal, its micro-batch bisection and this GPU's rehearsal, ~4 s each)
+enough 40 && { timeout "$(cap 150)" "$PY" -m kaggletrain train $H100CFG train.seq_len=4096 train.batch_size=512 \
   train.micro_batch_size=512 --dry-run --steps 3 --json > "$OUT/dry_run_gpu_oom.json" 2> "$OUT/dry_run_gpu_oom.err"
   DRY3_RC=$?; }
 
@@ -118,7 +119,7 @@ echo "== dry runs: tiny config and the 0.1B H100 config (issue 11)"
 DRY_RC=1; DRY2_RC=1
 enough 30 && { timeout "$(cap 90)" "$PY" -m kaggletrain train configs/tiny.yaml train.device=cuda train.precision=auto \
   --dry-run --steps 6 --json > "$OUT/dry_run_gpu.json" 2> "$OUT/dry_run_gpu.err"; DRY_RC=$?; }
-enough 30 && { timeout "$(cap 90)" "$PY" -m kaggletrain train $H100CFG --dry-run --steps 4 --json \
+enough 30 && { timeout "$(cap 120)" "$PY" -m kaggletrain train $H100CFG --dry-run --steps 4 --json \
   > "$OUT/dry_run_gpu_0.1b.json" 2> "$OUT/dry_run_gpu_0.1b.err"; DRY2_RC=$?; }
 
 save

@@ -201,3 +201,12 @@ def test_the_audit_sees_such_an_operator():
         (h ** 2).sum(dtype=torch.float32)
         h.sum(-1)
     assert audit.hits == ["aten.pow.Tensor_Scalar", "aten.sum.dim_IntList"]
+
+
+def test_the_model_may_live_on_another_device():
+    """A GPU dry run rehearses the model it trains, whose weights are on the GPU; the rehearsal only reads their
+    shapes (a model on the meta device stands in for that here)."""
+    m = _model(torch.float16, attention=(1,))
+    on_cpu = rehearse_step(m, micro_batch=2, seq_len=256, amp_dtype=torch.float16)
+    m.to("meta")
+    assert rehearse_step(m, micro_batch=2, seq_len=256, amp_dtype=torch.float16).peak_bytes == on_cpu.peak_bytes
