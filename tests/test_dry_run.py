@@ -477,3 +477,32 @@ def test_a_config_too_big_for_a_t4_gets_the_micro_batch_that_fits(tmp_path):
                             f"train.micro_batch_size={fit['micro_batch_size']} would ({fit['projected_gb']:.1f} GB)"]
     finally:
         trainer.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a GPU")
+def test_a_gpu_config_dry_runs_on_a_machine_without_one(tmp_path):
+    """A Kaggle config (train.device=cuda) rehearsed on a laptop before `push`: the dry run used to stop at once
+    ("no CUDA GPU is visible"), and so did `push --rehearse` of the shipped T4 configs. Now the steps run on the
+    CPU, one sequence each, the T4 memory is rehearsed at the configured micro batch, no run time is projected
+    from the CPU, and a real run still stops."""
+    path = write_config(tmp_path, device="cuda", precision="fp16", batch_size=8, micro_batch_size=4, seq_len=64,
+                        max_steps=20)
+    proc = cli("train", path, "--dry-run", "--steps", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["warnings"][0].startswith("train.device=cuda, but no CUDA GPU is visible here: the steps ran on the "
+                                         "CPU, one sequence of 64 tokens each, in fp32"), rep["warnings"]
+    assert rep["device"] == "cpu" and rep["precision"] == "fp32" and rep["tokens_per_step"] == 64
+    assert rep["tokens_per_s"] > 0 and math.isfinite(rep["val_loss_one_batch"])
+    assert rep["projected_run_s"] is None and rep["fits_kaggle_session"] is None
+    assert rep["t4_memory_method"].startswith("rehearsed") and rep["fits_t4"] is True
+    assert not (tmp_path / "run").exists()
+
+    # The same config on the CPU as configured (4 sequences per micro-step; bf16, as many bytes as fp16)
+    # rehearses the same T4 step.
+    proc = cli("train", path, "train.device=cpu", "train.precision=bf16", "--dry-run", "--steps", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["projected_t4_memory_gb"] == rep["projected_t4_memory_gb"]
+
+    proc = cli("train", path)
+    assert proc.returncode == 2 and "no CUDA GPU is visible" in proc.stderr, proc.stderr

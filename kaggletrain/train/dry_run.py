@@ -65,6 +65,15 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     dcfg.out_dir = str(Path(tmp.name) / "run")
     dcfg.logging = dataclasses.replace(dcfg.logging, progress=False, tensorboard=False, plot=False)
     dcfg.checkpoint = dataclasses.replace(dcfg.checkpoint, resume=False)
+    # A GPU config rehearsed on a machine without a GPU (a laptop before `kaggletrain push`): the steps run on
+    # the CPU with one sequence each, which checks the whole path (data, model, loss, checkpoint, evaluation)
+    # in seconds rather than hours (and without the GPU-sized micro batch exhausting the laptop's memory); the
+    # T4 memory is rehearsed at the configured micro batch all the same. No run time is projected from the CPU.
+    # (A real run here stops with an error.)
+    on_cpu_instead = dcfg.train.device == "cuda" and not torch.cuda.is_available()
+    if on_cpu_instead:  # (fp16 has no CPU path worth timing: config validation rejects it there; fp32 instead)
+        dcfg.train = dataclasses.replace(dcfg.train, device="cpu", batch_size=1, micro_batch_size=1,
+                                         precision="fp32" if dcfg.train.precision == "fp16" else dcfg.train.precision)
     rss_before = _rss_peak_bytes()
     t_setup = time.perf_counter()
     trainer = Trainer(dcfg, resume=False, progress=False)
@@ -113,13 +122,19 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
             _release()
         ckpt_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
-                         ckpt_s, eval_batch_s, val, oom, resolve_impl, start_step, ckpt_oom)
+                         ckpt_s, eval_batch_s, val, oom, resolve_impl, start_step, ckpt_oom, on_cpu_instead)
         if ckpt_oom:
             report["warnings"].append(
                 "the checkpoint save and reload ran out of memory (the weights and optimizer state are copied to "
                 "host memory and back); a real run's saves would too: free memory, or set "
                 "checkpoint.save_optimizer=false to save the weights alone")
         report["resumes_from"] = str(resume_from) if resume_from is not None and not start_problems else None
+        if on_cpu_instead:
+            report["warnings"].insert(0, f"train.device=cuda, but no CUDA GPU is visible here: the steps ran on "
+                                         f"the CPU, one sequence of {cfg.train.seq_len} tokens each, in "
+                                         f"{trainer.precision.name}, to check the path; the T4 memory is rehearsed "
+                                         f"at the configured micro batch and precision, and no run time is "
+                                         f"projected (a real run here would stop)")
         # The run directory is this machine's (a Kaggle push starts from an empty one, and a local run stops at
         # once, costing nothing): warnings. What the steps met would stop the real run anywhere (exit 3).
         report["warnings"] += [f"the real run would stop at its start here: {p}" for p in start_problems]
@@ -130,7 +145,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
         trainer.close()
         tmp.cleanup()
         restore_sigterm()
-    if oom:  # the steps or the evaluation batch: both shrink with the micro batch
+    if oom and not on_cpu_instead:  # the steps or the evaluation batch: both shrink with the micro batch
         del trainer  # (a distributed run's trainer stays held: see above)
         _release()
         report["suggestion"] = _search_fitting_batch(cfg, world)
@@ -217,13 +232,13 @@ def _nonfinite_run(losses: list) -> int:
 
 
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
-            resolve_impl, start_step=0, ckpt_oom=None):
+            resolve_impl, start_step=0, ckpt_oom=None, on_cpu_instead=False):
     from kaggletrain.train.loop import MAX_NONFINITE_STEPS
 
     t, model, device = cfg.train, trainer.model, trainer.device
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = trainer.cfg.train.batch_size * t.seq_len  # the measured steps' (see on_cpu_instead)
     step_s = statistics.median(times) if times else None  # None: no step was measured (out of memory)
     spread = [min(times), max(times)] if times else None
     cpu_s = statistics.median(cpu_times) if cpu_times else None
@@ -232,7 +247,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     n_evals = events(start_step, t.max_steps, t.eval_interval) if has_val else 0
     n_ckpts = events(start_step, t.max_steps, cfg.checkpoint.every_steps)
     projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
-                   if step_s is not None else None)
+                   if step_s is not None and not on_cpu_instead else None)
     warnings = []
     t4 = t4_projection(cfg, trainer, peak, rss_before, oom, warnings)
     t4_bytes = t4["bytes"]
@@ -334,8 +349,10 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
     if device.type == "cuda" and "T4" in torch.cuda.get_device_name(device):
         return {"bytes": None if oom else peak, "method": "measured on this T4 (torch.cuda.max_memory_allocated)"}
     dtype = _t4_dtype(cfg.train.precision)
+    world = trainer.dist.world_size
+    micro, accum = cfg.train.micro_batch(world), cfg.validate_for_world_size(world)  # as configured
     try:
-        r = _rehearse(trainer, model, trainer.micro, trainer.accum, dtype)
+        r = _rehearse(trainer, model, micro, accum, dtype)
     except Exception as e:  # the projection is an estimate: never the reason a dry run fails
         warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         f"the T4 projection comes from the measured peak instead")
@@ -345,7 +362,7 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
                          "activations_and_temporaries": r.peak_bytes - r.weight_bytes - r.gradient_bytes
                          - r.optimizer_bytes}}
     if not fits_t4(r.peak_bytes):
-        out["fit"] = _t4_fitting_micro_batch(trainer, dtype)
+        out["fit"] = _t4_fitting_micro_batch(trainer, micro, accum, dtype)
         fit = out["fit"]
         how = ("no micro batch fits, even with gradient checkpointing: a smaller model or train.use_chunking"
                if fit is None else f"train.micro_batch_size={fit['micro_batch_size']}"
@@ -355,13 +372,13 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
     return out
 
 
-def _t4_fitting_micro_batch(trainer, dtype):
-    """The largest per-GPU micro batch that divides the batch and whose rehearsed T4 peak fits (memory grows
-    with the micro batch: a bisection over the divisors); failing that, micro batch 1 with gradient
-    checkpointing. None if nothing fits."""
+def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
+    """The largest per-GPU micro batch below `micro` that divides the per-GPU batch and whose rehearsed T4 peak
+    fits (memory grows with the micro batch: a bisection over the divisors); failing that, micro batch 1 with
+    gradient checkpointing. None if nothing fits."""
     t, model = trainer.cfg.train, trainer.model
-    per_gpu = trainer.micro * trainer.accum
-    sizes = [m for m in range(1, trainer.micro) if per_gpu % m == 0]
+    per_gpu = micro * accum
+    sizes = [m for m in range(1, micro) if per_gpu % m == 0]
     best, lo, hi = None, 0, len(sizes) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -475,7 +492,7 @@ def render_report(report: dict, as_json: bool = False) -> None:
         ("step time (median)", "n/a" if step is None else f"{step * 1000:.1f} ms"),
         ("tokens/s", num(report["tokens_per_s"], ",.0f")),
         ("peak memory", f"{gb(report['peak_memory_bytes'])} ({report['peak_memory_source']})"),
-        ("projected run time", f"{num(report['projected_run_h'], '.2f')} h"
+        ("projected run time", ("n/a" if report["projected_run_h"] is None else f"{report['projected_run_h']:.2f} h")
                                + fits(report["fits_kaggle_session"], "a 12 h Kaggle session")),
         ("projected T4 memory", f"{num(report['projected_t4_memory_gb'], '.2f')} GB" + fits(report["fits_t4"], "16 GB")),
         ("precision / WKV / attention", f"{report['precision']} / {report['wkv_impl']} / {report['attention_backend']}"),
