@@ -24,7 +24,7 @@ import torch
 
 from kaggletrain.model.config import ModelConfig
 from kaggletrain.model.model import RWKVModel
-from kaggletrain.train.memory_rehearsal import LiveBytes, rehearse_step
+from kaggletrain.train.memory_rehearsal import real_step_peak, rehearse_step
 
 CASES = [  # name, amp dtype, attention layers, gradient checkpointing, use_chunking, bptt
     ("fp32", None, (), False, False, "full"),
@@ -37,21 +37,6 @@ CASES = [  # name, amp dtype, attention layers, gradient checkpointing, use_chun
 ]
 
 
-def real_peak(m, x, kw) -> int:
-    m(x, **kw).loss.backward()  # warm-up
-    params = list(m.parameters())
-    tr = LiveBytes()
-    with tr:
-        for p in params:
-            tr.pin(p)
-        moments = [torch.zeros_like(p) for p in params if p.requires_grad for _ in range(2)]
-        for s in moments:
-            tr.pin(s)
-        m.zero_grad(set_to_none=True)
-        m(x, **kw).loss.backward()
-    return tr.peak
-
-
 def case(name, amp, attention, ckpt, chunking, bptt, kernel=False, B=2, T=512):
     torch.manual_seed(0)
     m = RWKVModel(ModelConfig(vocab_size=1024, hidden_size=128, num_layers=3, attention_layers=list(attention),
@@ -59,8 +44,7 @@ def case(name, amp, attention, ckpt, chunking, bptt, kernel=False, B=2, T=512):
     m.enable_mixed_precision(amp)
     m.enable_gradient_checkpointing(ckpt)
     x = torch.randint(0, 1024, (B, T))
-    kw = dict(labels=x, shift_labels=False, return_logits=False, l2wrap=True, use_chunking=chunking, bptt=bptt)
-    real = real_peak(m, x, kw)
+    real = real_step_peak(m, x, l2wrap=True, use_chunking=chunking, bptt=bptt)
     t0 = time.perf_counter()
     r = rehearse_step(m, micro_batch=B, seq_len=T, amp_dtype=amp, kernel=kernel, use_chunking=chunking,
                       bptt=bptt, l2wrap=True)

@@ -11,7 +11,8 @@ import torch
 
 from kaggletrain.model.config import ModelConfig
 from kaggletrain.model.model import RWKVModel
-from kaggletrain.train.memory_rehearsal import LiveBytes, kernel_backward_scratch_bytes, rehearse_step, rounded
+from kaggletrain.train.memory_rehearsal import (LiveBytes, kernel_backward_scratch_bytes, real_step_peak,
+                                                 rehearse_step, rounded)
 
 MiB = 2**20
 
@@ -42,23 +43,6 @@ def _model(amp=None, attention=(), ckpt=False, seed=0):
     return m
 
 
-def _tracked_real_step(m, x, **kw):
-    """The same step for real (real tensors, real arithmetic), counted by the same tracker, with the weights and
-    AdamW's moments alive throughout as in the rehearsal."""
-    m(x, labels=x, shift_labels=False, return_logits=False, **kw).loss.backward()  # warm-up
-    params = list(m.parameters())
-    tr = LiveBytes()
-    with tr:
-        for p in params:
-            tr.pin(p)
-        moments = [torch.zeros_like(p) for p in params if p.requires_grad for _ in range(2)]
-        for s in moments:
-            tr.pin(s)
-        m.zero_grad(set_to_none=True)
-        m(x, labels=x, shift_labels=False, return_logits=False, **kw).loss.backward()
-    return tr.peak
-
-
 @pytest.mark.parametrize("name,amp,attention,ckpt", [
     ("fp32", None, (), False),
     ("fp16 hybrid attention", torch.float16, (1,), False),
@@ -68,7 +52,7 @@ def test_rehearsal_matches_the_real_step(name, amp, attention, ckpt):
     m = _model(amp, attention, ckpt)
     B, T = 2, 256
     x = torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(1))
-    real = _tracked_real_step(m, x, l2wrap=True)
+    real = real_step_peak(m, x, l2wrap=True)
     r = rehearse_step(m, micro_batch=B, seq_len=T, amp_dtype=amp, kernel=False)
     # Never more than 1% under the real step (the safe side: a T4 projection that is too low costs a failed
     # Kaggle session); checkpointing's recomputation frees a little later on fake tensors.
@@ -110,7 +94,7 @@ def test_kernel_operators_rehearse_what_the_emulated_kernel_allocates(monkeypatc
     m = RWKVModel(ModelConfig(vocab_size=512, hidden_size=128, num_layers=2))
     m.enable_mixed_precision(torch.float16)
     x = torch.randint(0, 512, (2, 96))
-    real = _tracked_real_step(m, x, l2wrap=True)
+    real = real_step_peak(m, x, l2wrap=True)
     r = rehearse_step(m, micro_batch=2, seq_len=96, amp_dtype=torch.float16, kernel=True)
     assert "CUDA kernel" in r.wkv
     assert r.peak_bytes == pytest.approx(real, rel=0.01)

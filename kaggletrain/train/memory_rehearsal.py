@@ -227,3 +227,23 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
                      micro_batch=micro_batch, seq_len=seq_len, dtype=dtype, wkv=wkv,
                      method=METHOD.format(dtype=dtype, wkv=wkv,
                                           accum="; two micro-batches when accumulating" if accum > 1 else ""))
+
+
+def real_step_peak(model, ids: torch.Tensor, **forward_kwargs) -> int:
+    """The rehearsal's reference: one real step of `model` on `ids` (labels = ids), its storages counted by the
+    same tracker, with the weights and AdamW's moments alive throughout as in `rehearse_step`. A warm-up step
+    runs first, untracked. For tests and benchmarks (tests/test_memory_rehearsal.py,
+    benchmarks/bench_memory_rehearsal.py); leaves the gradients of the tracked step in place."""
+    kw = dict(labels=ids, shift_labels=False, return_logits=False, **forward_kwargs)
+    model(ids, **kw).loss.backward()
+    params = list(model.parameters())
+    tracker = LiveBytes()
+    with tracker:
+        for p in params:
+            tracker.pin(p)
+        moments = [torch.zeros_like(p) for p in params if p.requires_grad for _ in range(2)]
+        for m in moments:
+            tracker.pin(m)
+        model.zero_grad(set_to_none=True)
+        model(ids, **kw).loss.backward()
+    return tracker.peak
