@@ -71,9 +71,12 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     # T4 memory is rehearsed at the configured micro batch all the same. No run time is projected from the CPU.
     # (A real run here stops with an error.)
     on_cpu_instead = dcfg.train.device == "cuda" and not torch.cuda.is_available()
-    if on_cpu_instead:  # (fp16 has no CPU path worth timing: config validation rejects it there; fp32 instead)
-        dcfg.train = dataclasses.replace(dcfg.train, device="cpu", batch_size=1, micro_batch_size=1,
-                                         precision="fp32" if dcfg.train.precision == "fp16" else dcfg.train.precision)
+    if on_cpu_instead:
+        # One sequence per process (under torchrun, one each); fp16 has no CPU path (config validation rejects it
+        # there): fp32 instead; torch.compile needs the GPU.
+        dcfg.train = dataclasses.replace(
+            dcfg.train, device="cpu", batch_size=int(os.environ.get("WORLD_SIZE", "1")), micro_batch_size=1,
+            precision="fp32" if dcfg.train.precision == "fp16" else dcfg.train.precision, compile=False)
     rss_before = _rss_peak_bytes()
     t_setup = time.perf_counter()
     trainer = Trainer(dcfg, resume=False, progress=False)
@@ -84,10 +87,15 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     try:
         trainer.setup()
         if resume_from is not None:  # the real run resumes: so does the rehearsal (the files are only read)
+            stand_in_batch = trainer.sampler.global_batch
+            if on_cpu_instead:  # the saved data stream is checked against the configured batch, not the stand-in's
+                trainer.sampler.global_batch = cfg.train.batch_size
             try:
                 trainer.load(resume_from)
             except KaggletrainError as e:
                 start_problems.append(str(e))
+            finally:
+                trainer.sampler.global_batch = stand_in_batch
         start_step = trainer.step
         setup_s = time.perf_counter() - t_setup
         device = trainer.device
@@ -132,7 +140,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
         if on_cpu_instead:
             report["warnings"].insert(0, f"train.device=cuda, but no CUDA GPU is visible here: the steps ran on "
                                          f"the CPU, one sequence of {cfg.train.seq_len} tokens each, in "
-                                         f"{trainer.precision.name}, to check the path; the T4 memory is rehearsed "
+                                         f"{trainer.precision.name}, to check the path; the T4 memory is projected "
                                          f"at the configured micro batch and precision, and no run time is "
                                          f"projected (a real run here would stop)")
         # The run directory is this machine's (a Kaggle push starts from an empty one, and a local run stops at
@@ -249,12 +257,19 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
                    if step_s is not None and not on_cpu_instead else None)
     warnings = []
-    t4 = t4_projection(cfg, trainer, peak, rss_before, oom, warnings)
+    t4 = t4_projection(cfg, trainer, peak, rss_before, oom, warnings, on_cpu_instead)
     t4_bytes = t4["bytes"]
     rehearsed_here = _rehearse_this_gpu(cfg, trainer, warnings) if device.type == "cuda" else None
     would_stop = [problem for problem in (oom, ckpt_oom) if problem]
+    if on_cpu_instead and would_stop:  # this machine's memory, not the GPU's: the T4 projection answers for that
+        warnings.append(f"the CPU stand-in ran out of this machine's memory ({'; '.join(would_stop)}), so the "
+                        f"path was not checked to the end here; this says nothing about the GPU")
+        would_stop = []
     bad = _nonfinite_run(losses)
-    if bad and not trainer.scaler.is_enabled():  # (fp16's loss scaler skips such steps: the real run too)
+    # fp16's loss scaler skips non-finite steps, and the real run with it: the configured precision decides
+    # (the CPU stand-in of an fp16 or auto config runs fp32 without a scaler).
+    scaler_on = trainer.scaler.is_enabled() or (on_cpu_instead and cfg.train.precision in ("fp16", "auto"))
+    if bad and not scaler_on:
         first = next(i for i, x in enumerate(losses) if not math.isfinite(x)) + 1
         if bad >= MAX_NONFINITE_STEPS:
             would_stop.append(f"the loss was not finite for {bad} steps in a row (from dry-run step {first}): a real "
@@ -275,15 +290,15 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         if peak < 0.25 * total and not oom:
             warnings.append(f"peak memory {peak / 2**30:.1f} GiB of {total / 2**30:.0f} GiB: a larger "
                             f"micro_batch_size would use the GPU better")
-    if t.seq_len % 16:
+    if t.seq_len % 16 and _kernel_applies(model):
         warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
     if device.type == "cpu" and step_s is not None and cpu_s < BUSY_CPU_SHARE * step_s:
         # Even one thread keeps a core busy for the whole step; far less CPU than wall time means other
         # processes took the cores, and the projection is as slow as this moment's machine.
         warnings.append(f"the step used {cpu_s / step_s:.0%} of a core per wall second: other processes are "
                         f"competing for the CPU, so the projected time is pessimistic")
-    if device.type == "cpu" and t.precision in ("fp16", "bf16"):
-        warnings.append(f"{t.precision} on CPU is emulated and usually slower than fp32")
+    if device.type == "cpu" and trainer.precision.name in ("fp16", "bf16"):
+        warnings.append(f"{trainer.precision.name} on CPU is emulated and usually slower than fp32")
     return {
         "config": cfg.source,
         "device": str(device),
@@ -323,6 +338,14 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     }
 
 
+def _kernel_applies(model) -> bool:
+    """Whether a GPU would run this model's WKV as the CUDA kernel (its head size, wkv_impl auto or cuda)."""
+    from kaggletrain.ops.wkv import _kernel_head_sizes
+
+    c = model.config
+    return c.wkv_impl in ("auto", "cuda") and c.head_size in _kernel_head_sizes()
+
+
 def fits_t4(nbytes: float) -> bool:
     """Room is left for the CUDA context and the allocator's fragmentation, which no peak counts."""
     return nbytes / 1e9 <= T4_MEMORY_GB * 0.92
@@ -341,10 +364,13 @@ def _rehearse(trainer, model, micro: int, accum: int, amp_dtype, kernel: bool = 
                          use_chunking=t.use_chunking, bptt=t.bptt, l2wrap=t.l2wrap, kernel=kernel)
 
 
-def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
+def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list, on_cpu_instead: bool = False) -> dict:
     """The T4's peak for this config: measured when this is a T4, else rehearsed on fake tensors
     (train/memory_rehearsal.py), with the largest micro batch that fits when the configured one does not.
-    Falls back to the measured peak scaled for fp16 if the rehearsal fails."""
+    Falls back to the measured peak scaled for fp16 if the rehearsal fails or cannot model the run (FSDP's
+    sharding); with no measurement of the configured step to fall back on (`on_cpu_instead`), no projection."""
+    from kaggletrain.model.model import is_sharded
+
     device, model = trainer.device, trainer.model
     if device.type == "cuda" and "T4" in torch.cuda.get_device_name(device):
         return {"bytes": None if oom else peak, "method": "measured on this T4 (torch.cuda.max_memory_allocated)"}
@@ -352,16 +378,23 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list) -> dict:
     world = trainer.dist.world_size
     micro, accum = cfg.train.micro_batch(world), cfg.validate_for_world_size(world)  # as configured
     try:
+        if is_sharded(model):
+            raise NotImplementedError("FSDP shards the weights, which the rehearsal does not model")
         r = _rehearse(trainer, model, micro, accum, dtype)
     except Exception as e:  # the projection is an estimate: never the reason a dry run fails
-        warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"the T4 projection comes from the measured peak instead")
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        if on_cpu_instead:
+            warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {first}); no T4 projection (the "
+                            f"CPU stand-in's one-sequence steps say nothing about the GPU's)")
+            return {"bytes": None, "method": "not projected: the rehearsal failed"}
+        warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {first}); the T4 projection comes "
+                        f"from the measured peak instead")
         return _t4_from_measured(trainer, peak, rss_before, oom)
     out = {"bytes": r.peak_bytes, "method": r.method,
            "breakdown": {"weights": r.weight_bytes, "gradients": r.gradient_bytes, "adamw_moments": r.optimizer_bytes,
                          "activations_and_temporaries": r.peak_bytes - r.weight_bytes - r.gradient_bytes
                          - r.optimizer_bytes}}
-    if not fits_t4(r.peak_bytes):
+    if not fits_t4(r.peak_bytes) and cfg.train.precision != "bf16":  # (bf16 configs are for bf16 GPUs: no advice)
         out["fit"] = _t4_fitting_micro_batch(trainer, micro, accum, dtype)
         fit = out["fit"]
         how = ("no micro batch fits, even with gradient checkpointing: a smaller model or train.use_chunking"
@@ -377,8 +410,11 @@ def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
     fits (memory grows with the micro batch: a bisection over the divisors); failing that, micro batch 1 with
     gradient checkpointing. None if nothing fits."""
     t, model = trainer.cfg.train, trainer.model
-    per_gpu = micro * accum
-    sizes = [m for m in range(1, micro) if per_gpu % m == 0]
+    world = trainer.dist.world_size
+    per_gpu, batch = micro * accum, micro * accum * world
+    # Valid here and on Kaggle's T4 x2, which the pushed notebook runs as 2 processes (when the batch splits).
+    worlds = {world} | ({2} if batch % 2 == 0 else set())
+    sizes = [m for m in range(1, micro) if all(batch % (m * w) == 0 for w in worlds)]
     best, lo, hi = None, 0, len(sizes) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -494,7 +530,8 @@ def render_report(report: dict, as_json: bool = False) -> None:
         ("peak memory", f"{gb(report['peak_memory_bytes'])} ({report['peak_memory_source']})"),
         ("projected run time", ("n/a" if report["projected_run_h"] is None else f"{report['projected_run_h']:.2f} h")
                                + fits(report["fits_kaggle_session"], "a 12 h Kaggle session")),
-        ("projected T4 memory", f"{num(report['projected_t4_memory_gb'], '.2f')} GB" + fits(report["fits_t4"], "16 GB")),
+        ("projected T4 memory", ("n/a" if report["projected_t4_memory_gb"] is None
+                                 else f"{report['projected_t4_memory_gb']:.2f} GB") + fits(report["fits_t4"], "16 GB")),
         ("precision / WKV / attention", f"{report['precision']} / {report['wkv_impl']} / {report['attention_backend']}"),
         ("loss first → last", f"{num(report['first_loss'], '.4f')} → {num(report['last_loss'], '.4f')}"),
     ]

@@ -180,8 +180,11 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
     the CUDA kernel where `kernel` and it has one for the head size (else the PyTorch chunked form)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from kaggletrain.model.model import is_sharded
     from kaggletrain.ops.wkv import rehearse_kernel_operators
 
+    if is_sharded(model):  # FSDP's hooks would put the real (unsharded) weights back in place of the fakes
+        raise ValueError("rehearse_step: an FSDP-sharded model cannot be rehearsed")
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveBytes()
     named = dict(model.named_parameters())
@@ -221,7 +224,8 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
     from kaggletrain.ops.wkv import _kernel_head_sizes
 
     kernel = kernel and model.config.wkv_impl in ("auto", "cuda") and model.config.head_size in _kernel_head_sizes()
-    wkv = "as the CUDA kernel's operators" if kernel else "as PyTorch's chunked form"
+    wkv = "as the CUDA kernel's operators" if kernel else \
+        f"as PyTorch's {'sequential' if model.config.wkv_impl == 'sequential' else 'chunked'} form"
     dtype = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
     return Rehearsal(peak_bytes=peak, weight_bytes=weights, gradient_bytes=grads, optimizer_bytes=moments,
                      micro_batch=micro_batch, seq_len=seq_len, dtype=dtype, wkv=wkv,
