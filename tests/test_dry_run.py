@@ -540,3 +540,18 @@ def test_the_cpu_stand_in_running_out_of_memory_is_not_the_gpu_running_out(tmp_p
     assert any(w.startswith("the CPU stand-in ran out of this machine's memory (") and "can't allocate memory" in w
                for w in rep["warnings"]), rep["warnings"]
     assert rep["t4_memory_method"].startswith("rehearsed") and 1 < rep["projected_t4_memory_gb"] < 14.72
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not sys.platform.startswith("linux"),
+                    reason="a machine without a GPU; reads /proc/self/status")
+def test_the_cpu_stand_in_running_out_of_memory_in_the_checkpoint_round_trip(tmp_path):
+    """As above, with the checkpoint reload capped (64 KiB of address space while the weights file is read): one
+    warning, about this machine, and none that tells the user a real run's saves would fail too."""
+    path = write_config(tmp_path, batch_size=4, max_steps=20, device="cuda", precision="fp16")
+    proc = run_script(CAPPED_READS_CLI, "train", path, "--dry-run", "--steps", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["real_run_would_stop"] == [] and "suggestion" not in rep
+    assert any(w.startswith("the CPU stand-in ran out of this machine's memory (out of memory in the checkpoint "
+                            "save and reload") for w in rep["warnings"]), rep["warnings"]
+    assert not any("a real run's saves would too" in w for w in rep["warnings"]), rep["warnings"]

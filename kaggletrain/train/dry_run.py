@@ -131,18 +131,19 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
         ckpt_s = time.perf_counter() - t0
         report = _report(cfg, trainer, times[warmup:], cpu_times[warmup:], losses, peak, rss_before, setup_s,
                          ckpt_s, eval_batch_s, val, oom, resolve_impl, start_step, ckpt_oom, on_cpu_instead)
-        if ckpt_oom:
+        if ckpt_oom and not on_cpu_instead:  # (the stand-in's own warning covers this machine's memory)
             report["warnings"].append(
                 "the checkpoint save and reload ran out of memory (the weights and optimizer state are copied to "
                 "host memory and back); a real run's saves would too: free memory, or set "
                 "checkpoint.save_optimizer=false to save the weights alone")
         report["resumes_from"] = str(resume_from) if resume_from is not None and not start_problems else None
         if on_cpu_instead:
+            t4_said = ("the T4 memory is projected at the configured micro batch and precision"
+                       if report["projected_t4_memory_gb"] is not None else "no T4 memory is projected (see below)")
             report["warnings"].insert(0, f"train.device=cuda, but no CUDA GPU is visible here: the steps ran on "
                                          f"the CPU, one sequence of {cfg.train.seq_len} tokens each, in "
-                                         f"{trainer.precision.name}, to check the path; the T4 memory is projected "
-                                         f"at the configured micro batch and precision, and no run time is "
-                                         f"projected (a real run here would stop)")
+                                         f"{trainer.precision.name}, to check the path; {t4_said}, and no run time "
+                                         f"is projected (a real run here would stop)")
         # The run directory is this machine's (a Kaggle push starts from an empty one, and a local run stops at
         # once, costing nothing): warnings. What the steps met would stop the real run anywhere (exit 3).
         report["warnings"] += [f"the real run would stop at its start here: {p}" for p in start_problems]
@@ -290,9 +291,9 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         if peak < 0.25 * total and not oom:
             warnings.append(f"peak memory {peak / 2**30:.1f} GiB of {total / 2**30:.0f} GiB: a larger "
                             f"micro_batch_size would use the GPU better")
-    if t.seq_len % 16 and _kernel_applies(model):
+    if t.seq_len % 16 and _kernel_applies(model) and (device.type == "cuda" or on_cpu_instead):
         warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
-    if device.type == "cpu" and step_s is not None and cpu_s < BUSY_CPU_SHARE * step_s:
+    if device.type == "cpu" and step_s is not None and cpu_s < BUSY_CPU_SHARE * step_s and not on_cpu_instead:
         # Even one thread keeps a core busy for the whole step; far less CPU than wall time means other
         # processes took the cores, and the projection is as slow as this moment's machine.
         warnings.append(f"the step used {cpu_s / step_s:.0%} of a core per wall second: other processes are "
@@ -383,18 +384,22 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list, on_cpu_in
         r = _rehearse(trainer, model, micro, accum, dtype)
     except Exception as e:  # the projection is an estimate: never the reason a dry run fails
         first = str(e).splitlines()[0][:200] if str(e) else ""
+        why = (f"the T4 memory is not rehearsed ({first})" if isinstance(e, NotImplementedError)
+               else f"the T4 memory rehearsal failed ({type(e).__name__}: {first})")
         if on_cpu_instead:
-            warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {first}); no T4 projection (the "
-                            f"CPU stand-in's one-sequence steps say nothing about the GPU's)")
-            return {"bytes": None, "method": "not projected: the rehearsal failed"}
-        warnings.append(f"the T4 memory rehearsal failed ({type(e).__name__}: {first}); the T4 projection comes "
-                        f"from the measured peak instead")
-        return _t4_from_measured(trainer, peak, rss_before, oom)
+            warnings.append(f"{why}; no T4 projection (the CPU stand-in's one-sequence steps say nothing about the "
+                            f"GPU's)")
+            return {"bytes": None, "method": f"not projected: {why}"}
+        warnings.append(f"{why}; the T4 projection comes from the measured peak instead")
+        return _t4_from_measured(cfg, trainer, peak, rss_before, oom)
     out = {"bytes": r.peak_bytes, "method": r.method,
            "breakdown": {"weights": r.weight_bytes, "gradients": r.gradient_bytes, "adamw_moments": r.optimizer_bytes,
                          "activations_and_temporaries": r.peak_bytes - r.weight_bytes - r.gradient_bytes
                          - r.optimizer_bytes}}
-    if not fits_t4(r.peak_bytes) and cfg.train.precision != "bf16":  # (bf16 configs are for bf16 GPUs: no advice)
+    if not fits_t4(r.peak_bytes) and cfg.train.precision == "bf16":  # for bf16 GPUs: no T4 advice
+        warnings.append(f"projected T4 memory {r.peak_bytes / 1e9:.1f} GB does not fit a 16 GB T4 (a bf16 config, "
+                        f"for bf16 GPUs; a T4 trains in fp16: train.precision=auto)")
+    elif not fits_t4(r.peak_bytes):
         out["fit"] = _t4_fitting_micro_batch(trainer, micro, accum, dtype)
         fit = out["fit"]
         how = ("no micro batch fits, even with gradient checkpointing: a smaller model or train.use_chunking"
@@ -420,7 +425,8 @@ def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
         mid = (lo + hi) // 2
         peak = _rehearse(trainer, model, sizes[mid], per_gpu // sizes[mid], dtype).peak_bytes
         if fits_t4(peak):
-            best, lo = {"micro_batch_size": sizes[mid], "gradient_checkpointing": False, "projected_gb": peak / 1e9}, mid + 1
+            best = {"micro_batch_size": sizes[mid], "gradient_checkpointing": False, "projected_gb": peak / 1e9}
+            lo = mid + 1
         else:
             hi = mid - 1
     if best is None and not t.gradient_checkpointing:
@@ -435,17 +441,18 @@ def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
     return best
 
 
-def _t4_from_measured(trainer, peak, rss_before, oom) -> dict:
-    """The older estimate: the measured peak minus the static memory, halved when measured in fp32."""
+def _t4_from_measured(cfg, trainer, peak, rss_before, oom) -> dict:
+    """The older estimate: the measured peak minus the static memory, halved when measured in fp32 for a
+    config that a T4 trains in half precision."""
     model, device = trainer.model, trainer.device
     n_params, n_train = model.num_parameters(), model.num_parameters(trainable_only=True)
     static = n_train * BYTES_PER_TRAINABLE + (n_params - n_train) * BYTES_PER_FROZEN
     activation = max(0, peak - (static if device.type == "cuda" else rss_before + static))
-    act_scale = 0.5 if trainer.precision.name == "fp32" else 1.0
+    act_scale = 0.5 if trainer.precision.name == "fp32" and _t4_dtype(cfg.train.precision) is not None else 1.0
     return {"bytes": None if oom else static + activation * act_scale,
             "method": ("static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen x 4 B; "
                        "activations = measured peak of the steps and the evaluation batch minus static (minus "
-                       "the process baseline on CPU), halved when measured in fp32 since a T4 trains in fp16; "
+                       "the process baseline on CPU), halved when measured in fp32 for a config a T4 trains in fp16; "
                        "per-GPU micro batch as configured; none after an out-of-memory")}
 
 
