@@ -86,12 +86,17 @@ def rehearse_kernel_operators():
         _kernel_rehearsal.pop()
 
 
+def kernel_applies(impl: str, head_size: int) -> bool:
+    """Whether a GPU would run the WKV as the CUDA kernel: `impl` (model.wkv_impl) auto or cuda, and a kernel built
+    for this head size (the question the rehearsal, and the dry run's warnings about the GPU, ask)."""
+    return impl in ("auto", "cuda") and int(head_size) in _kernel_head_sizes()
+
+
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
     """Which implementation `wkv(..., impl=impl)` will actually run for inputs like `r`."""
     if impl not in IMPLS:
         raise ValueError(f"wkv impl must be one of {IMPLS}, got {impl!r}")
-    if _kernel_rehearsal and impl in ("auto", "cuda") and r.shape[1] > 1 and r.dtype != torch.float64 \
-            and int(r.shape[-1]) in _kernel_head_sizes():
+    if _kernel_rehearsal and r.shape[1] > 1 and r.dtype != torch.float64 and kernel_applies(impl, r.shape[-1]):
         return "cuda"
     if impl == "cuda":
         if _cuda_available_for(r):

@@ -242,6 +242,7 @@ def _nonfinite_run(losses: list) -> int:
 
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
             resolve_impl, start_step=0, ckpt_oom=None, on_cpu_instead=False):
+    from kaggletrain.ops.wkv import kernel_applies
     from kaggletrain.train.loop import MAX_NONFINITE_STEPS
 
     t, model, device = cfg.train, trainer.model, trainer.device
@@ -257,10 +258,13 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     n_ckpts = events(start_step, t.max_steps, cfg.checkpoint.every_steps)
     projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
                    if step_s is not None and not on_cpu_instead else None)
+    probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
+                        dtype=trainer.precision.amp_dtype or torch.float32)
+    wkv_impl = resolve_impl(model.config.wkv_impl, probe)
     warnings = []
     t4 = t4_projection(cfg, trainer, peak, rss_before, oom, warnings, on_cpu_instead)
     t4_bytes = t4["bytes"]
-    rehearsed_here = _rehearse_this_gpu(cfg, trainer, warnings) if device.type == "cuda" else None
+    rehearsed_here = _rehearse_this_gpu(trainer, wkv_impl == "cuda", warnings) if device.type == "cuda" else None
     would_stop = [problem for problem in (oom, ckpt_oom) if problem]
     if on_cpu_instead and would_stop:  # this machine's memory, not the GPU's: the T4 projection answers for that
         warnings.append(f"the CPU stand-in ran out of this machine's memory ({'; '.join(would_stop)}), so the "
@@ -281,8 +285,6 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     elif losses and not math.isfinite(losses[-1]):
         would_stop.append("the loss was still not finite at the last step although fp16's loss scaler skips such "
                           "steps: lower train.lr, or check the data")
-    probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
-                        dtype=trainer.precision.amp_dtype or torch.float32)
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if t.precision == "bf16" and cap[0] < 8:
@@ -291,7 +293,8 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         if peak < 0.25 * total and not oom:
             warnings.append(f"peak memory {peak / 2**30:.1f} GiB of {total / 2**30:.0f} GiB: a larger "
                             f"micro_batch_size would use the GPU better")
-    if t.seq_len % 16 and _kernel_applies(model) and (device.type == "cuda" or on_cpu_instead):
+    if t.seq_len % 16 and kernel_applies(model.config.wkv_impl, model.config.head_size) \
+            and (device.type == "cuda" or on_cpu_instead):
         warnings.append(f"train.seq_len={t.seq_len} is not a multiple of 16: the CUDA kernel pads each sequence")
     if device.type == "cpu" and step_s is not None and cpu_s < BUSY_CPU_SHARE * step_s and not on_cpu_instead:
         # Even one thread keeps a core busy for the whole step; far less CPU than wall time means other
@@ -327,7 +330,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "t4_micro_batch_that_fits": t4.get("fit"),
         "rehearsed_peak_memory_bytes": rehearsed_here,
         "precision": trainer.precision.name,
-        "wkv_impl": resolve_impl(model.config.wkv_impl, probe),
+        "wkv_impl": wkv_impl,
         "attention_backend": _attention_backend(device, bool(model.config.attention_layers)),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
@@ -337,14 +340,6 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         "warnings": warnings,
         "_would_stop": would_stop,
     }
-
-
-def _kernel_applies(model) -> bool:
-    """Whether a GPU would run this model's WKV as the CUDA kernel (its head size, wkv_impl auto or cuda)."""
-    from kaggletrain.ops.wkv import _kernel_head_sizes
-
-    c = model.config
-    return c.wkv_impl in ("auto", "cuda") and c.head_size in _kernel_head_sizes()
 
 
 def fits_t4(nbytes: float) -> bool:
@@ -383,9 +378,8 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list, on_cpu_in
             raise NotImplementedError("FSDP shards the weights, which the rehearsal does not model")
         r = _rehearse(trainer, model, micro, accum, dtype)
     except Exception as e:  # the projection is an estimate: never the reason a dry run fails
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        why = (f"the T4 memory is not rehearsed ({first})" if isinstance(e, NotImplementedError)
-               else f"the T4 memory rehearsal failed ({type(e).__name__}: {first})")
+        why = (f"the T4 memory is not rehearsed ({_first_line(e)})" if isinstance(e, NotImplementedError)
+               else f"the T4 memory rehearsal failed ({type(e).__name__}: {_first_line(e)})")
         if on_cpu_instead:
             warnings.append(f"{why}; no T4 projection (the CPU stand-in's one-sequence steps say nothing about the "
                             f"GPU's)")
@@ -456,21 +450,21 @@ def _t4_from_measured(cfg, trainer, peak, rss_before, oom) -> dict:
                        "per-GPU micro batch as configured; none after an out-of-memory")}
 
 
-def _rehearse_this_gpu(cfg, trainer, warnings: list):
-    """The rehearsal for this GPU's own precision and WKV, to set beside the allocator's measured peak (how
-    close the T4 projection is, checked wherever a GPU runs the dry run)."""
-    from kaggletrain.ops.wkv import resolve_impl
-
-    probe = torch.empty(1, 2, 1, trainer.model.config.head_size, device=trainer.device,
-                        dtype=trainer.precision.amp_dtype or torch.float32)
+def _rehearse_this_gpu(trainer, kernel: bool, warnings: list):
+    """The rehearsal for this GPU's own precision and WKV (`kernel`: the run's WKV is the CUDA kernel), to set
+    beside the allocator's measured peak (how close the T4 projection is, checked wherever a GPU runs the dry
+    run)."""
     try:
-        kernel = resolve_impl(trainer.model.config.wkv_impl, probe) == "cuda"
         return _rehearse(trainer, trainer.model, trainer.micro, trainer.accum, trainer.precision.amp_dtype,
                          kernel).peak_bytes
     except Exception as e:
-        warnings.append(f"the memory rehearsal for this GPU failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})")
+        warnings.append(f"the memory rehearsal for this GPU failed ({type(e).__name__}: {_first_line(e)})")
         return None
+
+
+def _first_line(e: BaseException) -> str:
+    """An error's first line, at most 200 characters (for a one-line warning)."""
+    return str(e).splitlines()[0][:200] if str(e) else ""
 
 
 def _cpu_name() -> str:

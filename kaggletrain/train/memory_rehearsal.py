@@ -188,7 +188,7 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveBytes()
     named = dict(model.named_parameters())
-    state = {**{n: b for n, b in model.named_buffers()}}
+    state = dict(model.named_buffers())
     weights = grads = moments = 0
     with fake, tracker, _StandInScalars(), _eager_training(model, amp_dtype):
         fakes = {}
@@ -221,9 +221,9 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
         grads = sum(rounded(f.grad.untyped_storage().nbytes()) for f in fakes.values() if f.grad is not None)
         peak = tracker.peak
         del optimizer_state, fakes
-    from kaggletrain.ops.wkv import _kernel_head_sizes
+    from kaggletrain.ops.wkv import kernel_applies
 
-    kernel = kernel and model.config.wkv_impl in ("auto", "cuda") and model.config.head_size in _kernel_head_sizes()
+    kernel = kernel and kernel_applies(model.config.wkv_impl, model.config.head_size)
     wkv = "as the CUDA kernel's operators" if kernel else \
         f"as PyTorch's {'sequential' if model.config.wkv_impl == 'sequential' else 'chunked'} form"
     dtype = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
