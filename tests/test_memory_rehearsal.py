@@ -194,3 +194,38 @@ def test_the_model_may_live_on_another_device():
     on_cpu = rehearse_step(m, micro_batch=2, seq_len=256, amp_dtype=torch.float16)
     m.to("meta")
     assert rehearse_step(m, micro_batch=2, seq_len=256, amp_dtype=torch.float16).peak_bytes == on_cpu.peak_bytes
+
+
+FSDP_SCRIPT = r"""
+import os, socket, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+dist.init_process_group("gloo", rank=0, world_size=1)
+from kaggletrain.model.config import ModelConfig
+from kaggletrain.model.model import RWKVModel
+from kaggletrain.train.fsdp import apply_fsdp
+from kaggletrain.train.memory_rehearsal import rehearse_step
+m = RWKVModel(ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, head_size=16))
+apply_fsdp(m, torch.device("cpu"))
+try:
+    rehearse_step(m, micro_batch=1, seq_len=32, amp_dtype=None)
+    print("rehearsed")
+except ValueError as e:
+    print("refused:", e)
+print("grads left:", any(p.grad is not None for p in m.parameters()))
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp_sharded_model_is_refused_and_left_as_it_was():
+    """FSDP's hooks would put the real (unsharded) weights back in place of the fake ones: the rehearsal would
+    count the wrong memory and leave gradients on the real parameters. It refuses such a model (the dry run then
+    falls back to its measured estimate). A one-process gloo group in a child process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: rehearse_step: an FSDP-sharded model cannot be rehearsed" in proc.stdout, proc.stdout
+    assert "grads left: False" in proc.stdout, proc.stdout
