@@ -383,6 +383,15 @@ def test_dry_run_meets_the_run_directory_as_the_real_run_would(tmp_path):
     resumed_loss = rep["first_loss"]
     fresh = json.loads(cli("train", cfg, f"out_dir={tmp_path / 'fresh'}", "--dry-run", "--steps", 2, "--json").stdout)
     assert resumed_loss < fresh["first_loss"] - 0.1, (resumed_loss, fresh["first_loss"])  # trained weights
+    # A resume the real run refuses (the batch changed): a warning, and the steps start from fresh weights at
+    # step 0, not from the checkpoint's weights, which used to be loaded before its data stream was refused.
+    proc = cli("train", cfg, "train.max_steps=20", "train.batch_size=2", "--resume", "--dry-run", "--steps", 2,
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert len(stops_at_start(rep)) == 1 and "train.batch_size was 4 and is now 2" in stops_at_start(rep)[0]
+    assert rep["start_step"] == 0 and rep["resumes_from"] is None
+    assert rep["first_loss"] > resumed_loss + 0.1, (rep["first_loss"], resumed_loss)
 
     proc = cli("train", cfg, "model.hidden_size=64", "checkpoint.resume=auto", "--dry-run", "--steps", 2)
     assert proc.returncode == 0, proc.stderr

@@ -127,16 +127,21 @@ class WindowSampler:
             "num_tokens": int(len(self.tokens)),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a saved stream; refuses if the data, seq_len or global batch changed."""
+    def state_mismatch(self, state: dict[str, Any]) -> str | None:
+        """Why a saved stream cannot be continued (the data, seq_len or global batch changed), or None."""
         for key, mine in (("num_tokens", len(self.tokens)), ("seq_len", self.seq_len), ("global_batch", self.global_batch)):
             if key in state and int(state[key]) != int(mine):
                 what = {"num_tokens": "training tokens", "seq_len": "train.seq_len",
                         "global_batch": "train.batch_size"}[key]
-                raise DataError(
-                    f"cannot continue the saved data stream: {what} was {state[key]} and is now {mine} "
-                    "(the data or the config changed since the checkpoint)"
-                )
+                return (f"cannot continue the saved data stream: {what} was {state[key]} and is now {mine} "
+                        "(the data or the config changed since the checkpoint)")
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved stream; refuses if the data, seq_len or global batch changed."""
+        problem = self.state_mismatch(state)
+        if problem:
+            raise DataError(problem)
         self.seed = int(state.get("seed", self.seed))  # the stream is defined by the saved seed
         self.step = int(state.get("step", 0))
 

@@ -54,6 +54,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     configured run directory, which is only read. `_trial`: a probe of the out-of-memory search -- steps only,
     no checkpoint, evaluation or nested search."""
     from kaggletrain.ops.wkv import resolve_impl
+    from kaggletrain.train.host_memory import check_step_fits
     from kaggletrain.train.loop import Trainer
 
     steps = max(2, steps)
@@ -103,12 +104,17 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
             torch.cuda.reset_peak_memory_stats(device)
         times, cpu_times, losses = [], [], []
         ends = [time.time()]  # wall-clock ends of the steps: the measured window, to line up with other logs
-        oom = _run_steps(trainer, steps, times, cpu_times, losses, ends)
+        # On the CPU a step that does not fit is killed by the kernel, not refused: rehearsed first.
+        host_notes = []
+        host = check_step_fits(trainer, host_notes) if device.type == "cpu" and not _trial else None
+        oom = host["problem"] if host else _run_steps(trainer, steps, times, cpu_times, losses, ends)
         if _trial:
             return {"out_of_memory": oom}
         t0 = time.perf_counter()
+        val = None
         try:  # before the checkpoint round trip, whose host copies would count in a CPU process's peak
-            val = trainer.evaluate(max_batches=1)
+            if not host:  # (the evaluation batch is the step's micro batch, without gradients: it may not fit)
+                val = trainer.evaluate(max_batches=1)
         except Exception as e:  # evaluation at the configured batch may not fit either
             if not is_out_of_memory(e):
                 raise
@@ -136,6 +142,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
                 "the checkpoint save and reload ran out of memory (the weights and optimizer state are copied to "
                 "host memory and back); a real run's saves would too: free memory, or set "
                 "checkpoint.save_optimizer=false to save the weights alone")
+        report["warnings"] += host_notes
         report["resumes_from"] = str(resume_from) if resume_from is not None and not start_problems else None
         if on_cpu_instead:
             t4_said = ("the T4 memory is projected at the configured micro batch and precision"
@@ -154,7 +161,9 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
         trainer.close()
         tmp.cleanup()
         restore_sigterm()
-    if oom and not on_cpu_instead:  # the steps or the evaluation batch: both shrink with the micro batch
+    if host and not on_cpu_instead:
+        report["suggestion"] = host["suggestion"]
+    elif oom and not on_cpu_instead:  # the steps or the evaluation batch: both shrink with the micro batch
         del trainer  # (a distributed run's trainer stays held: see above)
         _release()
         report["suggestion"] = _search_fitting_batch(cfg, world)
@@ -550,14 +559,19 @@ def render_report(report: dict, as_json: bool = False) -> None:
     for problem in report.get("real_run_would_stop", []):
         console.print(f"[bold red]the real run would stop:[/] {problem}", highlight=False, soft_wrap=True)
     if report.get("suggestion"):
-        console.print(f"[yellow]suggestion:[/] {_suggestion_text(report['suggestion'])}", highlight=False,
+        console.print(f"[yellow]suggestion:[/] {suggestion_text(report['suggestion'])}", highlight=False,
                       soft_wrap=True)
 
 
-def _suggestion_text(s: dict) -> str:
+def suggestion_text(s: dict) -> str:
     """The batch search's answer as overrides to copy, and what was tried."""
+    def outcome(t):  # a probe's (ran or ran out of memory), or a rehearsal's (what it needs)
+        if "needs_gb" in t:
+            return f"needs {t['needs_gb']:.1f} GB, {'fits' if t['fits'] else 'too much'}"
+        return "fits" if t["fits"] else "out of memory"
+
     tried = ", ".join(f"{t['micro_batch_size']}{' + checkpointing' if t['gradient_checkpointing'] else ''}: "
-                      f"{'fits' if t['fits'] else 'out of memory'}" for t in s.get("tried", []))
+                      f"{outcome(t)}" for t in s.get("tried", []))
     if s.get("micro_batch_size") is None:
         return f"{s.get('note', 'no batch fits')} (tried micro batches {tried})"
     how = f"train.micro_batch_size={s['micro_batch_size']}"

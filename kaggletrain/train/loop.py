@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from kaggletrain.config import RunConfig, save_config
-from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError
+from kaggletrain.errors import CheckpointError, ConfigError, KaggletrainError, RankFailed
 from kaggletrain.train import checkpoint as ckpt
 from kaggletrain.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, cleanup,
                                            dist_info_from_env, init_distributed, optimizer_state_from_fqn,
@@ -228,6 +228,9 @@ class Trainer:
                 sd = ckpt.load_model_state(ckpt_dir)
                 state = ckpt.load_trainer_state(ckpt_dir)
                 problem = self._state_mismatch(ckpt_dir, sd)
+                if problem is None and state and state.get("sampler") is not None:  # (before anything is loaded)
+                    problem = self.sampler.state_mismatch(state["sampler"])
+                    problem = problem and f"{ckpt_dir}: {problem}"
                 if problem is None and state and state.get("optimizer") is not None:
                     why = optimizer_state_mismatch(self.model, self.optimizer, state["optimizer"])
                     if why:  # (before any collective: every rank then stops alike)
@@ -456,6 +459,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if not hasattr(self, "model"):
             self.setup()
+        if self.device.type == "cpu" and self.step < t.max_steps:
+            self._check_host_memory()
         is_main = self.dist.is_main
         start_step = self.step
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl",
@@ -537,6 +542,20 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(
                 {k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
         return summary
+
+    def _check_host_memory(self) -> None:
+        """A CPU step that does not fit is killed by Linux part-way, with nothing said: rehearsed first
+        (train/host_memory.py), and refused with one line that names a micro batch that fits."""
+        from kaggletrain.train.dry_run import suggestion_text
+        from kaggletrain.train.host_memory import check_step_fits
+
+        notes = []
+        host = check_step_fits(self, notes)
+        for note in notes:
+            warnings.warn(note)
+        if host:  # (every rank has rank 0's verdict: each stops; rank 0 alone prints it)
+            message = f"{host['problem']}; {suggestion_text(host['suggestion'])}"
+            raise RankFailed(message) if not self.dist.is_main else TrainingError(message)
 
     @contextlib.contextmanager
     def _out_of_memory_as_error(self, where: str, last_ckpt):
