@@ -73,6 +73,7 @@ def test_dry_run_reports_every_field_and_leaves_the_run_directory_alone(tmp_path
     assert rep["precision"] == "fp32" and rep["wkv_impl"] in ("chunked", "sequential")
     assert rep["attention_backend"].startswith("none")
     assert math.isfinite(rep["val_loss_one_batch"])
+    assert not any("measured step" in w for w in rep["warnings"]), rep["warnings"]
 
 
 def _on_one_core(cpu: int):
@@ -135,6 +136,9 @@ def test_dry_run_table_output(tmp_path):
     for text in ("tokens/s", "peak memory", "projected run time", "projected T4 memory", "precision / WKV"):
         assert text in proc.stdout
     assert not (tmp_path / "run").exists()
+    # 3 steps, 2 of them warm-up: the projection rests on one step, and the report says so.
+    out = " ".join(proc.stdout.split())
+    assert "the step time and the projection rest on 1 measured step after the warm-up: --steps 5 or more" in out
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"), reason="needs taskset")

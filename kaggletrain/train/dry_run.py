@@ -310,6 +310,10 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         # processes took the cores, and the projection is as slow as this moment's machine.
         warnings.append(f"the step used {cpu_s / step_s:.0%} of a core per wall second: other processes are "
                         f"competing for the CPU, so the projected time is pessimistic")
+    if 0 < len(times) < 3 and not on_cpu_instead:  # (steps after the warm-up; the first ones compile and warm caches)
+        warnings.append(f"the step time and the projection rest on {len(times)} measured step"
+                        f"{'s' if len(times) > 1 else ''} after the warm-up: --steps 5 or more measures a steadier "
+                        f"median (the default, 10, measures 8)")
     if device.type == "cpu" and trainer.precision.name in ("fp16", "bf16"):
         warnings.append(f"{trainer.precision.name} on CPU is emulated and usually slower than fp32")
     return {
