@@ -163,6 +163,10 @@ def test_a_real_cpu_run_that_would_not_fit_stops_at_once_with_one_line(tmp_path)
     assert len(errors) == 1 and "this machine's memory" in errors[0] and "train.micro_batch_size=16384" in errors[0]
     assert "fits (tried micro batches" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    # The user's way past the check: the step then runs, and here meets the address-space cap instead.
+    proc = limited_cli(CAP, "train", path, KAGGLETRAIN_HOST_MEMORY_CHECK="0")
+    assert proc.returncode != 0 and "error: out of memory in training step 1 on cpu" in proc.stderr, proc.stderr[-3000:]
+    assert "this machine's memory" not in proc.stderr
 
 
 SPLIT_CHECK = r"""

@@ -38,6 +38,8 @@ SCREEN_TOKENS = 256
 SCREEN_SHARE = 0.5  # the screen's (overstated) need below this share of the available memory: fits
 FIT_SHARE = 0.9  # the exact need above this share: does not fit (allocator overhead and other processes)
 MAX_SEARCH_REHEARSALS = 4
+SKIP_ENV = "KAGGLETRAIN_HOST_MEMORY_CHECK"  # "0": no check (the user knows better: zram, a memory the kernel
+# does not report as available, ...); a step that does not fit is then killed as before
 
 
 def _meminfo(proc: Path) -> dict[str, int]:
@@ -137,6 +139,8 @@ def check_step_fits(trainer, notes: list) -> Optional[dict]:
     from kaggletrain.model.model import is_sharded
     from kaggletrain.train.distributed import broadcast_object
 
+    if os.environ.get(SKIP_ENV) == "0":
+        return None
     result, said = None, []
     if trainer.dist.is_main:
         if is_sharded(trainer.model):
@@ -182,7 +186,8 @@ def _check(trainer, processes: int) -> Optional[dict]:
     problem = (f"this machine's memory: a step at train.micro_batch_size={micro} x train.seq_len={t.seq_len} needs "
                f"~{need * RESIDENT_FACTOR / 1e9:.1f} GB beyond the weights (rehearsed on fake tensors: "
                f"{need / 1e9:.1f} GB, x{RESIDENT_FACTOR} for the C heap), {room / 1e9:.1f} GB is available "
-               f"({source}); the step is not started, as Linux would kill the process part-way")
+               f"({source}); the step is not started, as Linux would kill the process part-way ({SKIP_ENV}=0 "
+               f"skips this check)")
     return {"problem": problem, "need_bytes": need * RESIDENT_FACTOR, "available_bytes": room,
             "suggestion": _fitting_micro_batch(trainer, micro, accum, need, act, budget)}
 
