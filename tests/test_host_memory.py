@@ -176,6 +176,7 @@ from kaggletrain.train import host_memory
 from kaggletrain.train.loop import Trainer
 
 cfg = load_config(sys.argv[1])
+cfg.out_dir = sys.argv[2]  # (not the config's runs/tiny, which the README's main job may have filled)
 trainer = Trainer(cfg, resume=False, progress=False).setup()
 print(host_memory._upper_bound(trainer), host_memory.available_bytes()[0])
 """
@@ -184,7 +185,7 @@ print(host_memory._upper_bound(trainer), host_memory.available_bytes()[0])
 def test_small_configs_skip_the_rehearsal(tmp_path):
     """configs/tiny.yaml's bound is far below any machine's memory: checking it costs no rehearsal."""
     repo = Path(__file__).resolve().parents[1]
-    proc = run_script(SPLIT_CHECK, repo / "configs" / "tiny.yaml")
+    proc = run_script(SPLIT_CHECK, repo / "configs" / "tiny.yaml", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     bound, room = map(int, proc.stdout.split())
     assert bound < 2 * 2**30 and bound * host_memory.RESIDENT_FACTOR <= host_memory.SCREEN_SHARE * room
