@@ -278,12 +278,53 @@ class RWKV7ChannelMix(nn.Module):
         k = mix(x, prev - x, self.x_k)
         # h * h, not h ** 2: CUDA autocast runs pow in float32, a float32 [B, T, 4C] copy per layer that the
         # value projection then casts back. The product is the same (pow(x, 2) is x * x in ATen).
-        h = torch.relu(self.key(k))
-        out = self.value(h * h)
+        kpre = self.key(k)
+        if kpre.requires_grad and type(self.value) is nn.Linear and not torch.compiler.is_compiling():
+            out = ReluSquareProject.apply(kpre, self.value.weight)  # keeps relu(kpre) alone for backward
+        else:  # (inference; under torch.compile, whose partitioner decides what to keep)
+            h = torch.relu(kpre)
+            out = self.value(h * h)
         mid = None
         if split is not None:
             _, mid = token_shift(x[:, :split], shift, None if valid is None else valid[:, :split])
         return out, new_shift, mid
+
+
+class ReluSquareProject(torch.autograd.Function):
+    """value(relu(kpre) ** 2) for training, keeping only h = relu(kpre) for the backward pass and recomputing
+    h * h there. Autograd would keep both h and h * h, each [B, T, 4C]: the largest activations of a block, so
+    this saves 8C bytes per token and layer in half precision (16C in float32). Values and gradients are the
+    ones autograd computes for relu -> h * h -> linear, to the bit: the same products in the same order (the
+    mul's gradient g*h + g*h is (g*h) doubled, exactly), with the projection in the autocast dtype when on."""
+
+    @staticmethod
+    def forward(ctx, kpre, weight):
+        h = torch.relu(kpre)
+        dev = kpre.device.type
+        w = weight
+        if torch.is_autocast_enabled(dev):  # as autocast's linear: both operands in the autocast dtype
+            dt = torch.get_autocast_dtype(dev)
+            h, w = h.to(dt), weight.to(dt)
+        with torch.autocast(dev, enabled=False):
+            out = F.linear(h * h, w)
+        ctx.save_for_backward(h, weight)
+        ctx.w_dtype = w.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight = ctx.saved_tensors
+        w = weight.to(ctx.w_dtype)
+        dk = dw = None
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            hh = h * h
+            dw = g2.t().mm(hh.reshape(-1, hh.shape[-1])).to(weight.dtype)
+            del hh
+        if ctx.needs_input_grad[0]:
+            gh = g2.mm(w).view(h.shape) * h
+            dk = torch.ops.aten.threshold_backward(gh + gh, h, 0)
+        return dk, dw
 
 
 class RWKV7Block(nn.Module):
