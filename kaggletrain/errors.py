@@ -6,6 +6,11 @@ is a bug and keeps its traceback.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line, at most 200 characters (for a one-line warning that quotes it)."""
+    return str(e).splitlines()[0][:200] if str(e) else ""
+
+
 class KaggletrainError(Exception):
     """A user-facing error: the message names the file/key/value and what was expected."""
 

@@ -466,6 +466,7 @@ def test_a_config_too_big_for_a_t4_gets_the_micro_batch_that_fits(tmp_path):
     """The T4 projection is rehearsed (train/memory_rehearsal.py) at the configured micro batch; when it does not
     fit, the largest micro batch that does is found the same way, without running a step at either size."""
     from kaggletrain.config import load_config
+    from kaggletrain.train.memory_rehearsal import rehearse_trainer_step
     from kaggletrain.train import dry_run as dr
     from kaggletrain.train.loop import Trainer
 
@@ -485,7 +486,7 @@ def test_a_config_too_big_for_a_t4_gets_the_micro_batch_that_fits(tmp_path):
         # valid on one GPU and as the pushed notebook runs it on Kaggle's T4 x2 (2 processes)
         assert 128 % (2 * fit["micro_batch_size"]) == 0 and 1 <= fit["micro_batch_size"] < 128
         assert dr.fits_t4(fit["projected_gb"] * 1e9)
-        bigger = dr._rehearse(trainer, trainer.model, 2 * fit["micro_batch_size"], 1, torch.float16).peak_bytes
+        bigger = rehearse_trainer_step(trainer, 2 * fit["micro_batch_size"], 1, torch.float16).peak_bytes
         assert not dr.fits_t4(bigger)  # the largest that fits
         assert warnings == [f"projected T4 memory {t4['bytes'] / 1e9:.1f} GB does not fit a 16 GB T4: "
                             f"train.micro_batch_size={fit['micro_batch_size']} would ({fit['projected_gb']:.1f} GB)"]

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from kaggletrain.errors import KaggletrainError
+from kaggletrain.errors import KaggletrainError, first_line
+from kaggletrain.train.memory_rehearsal import rehearse_trainer_step
 from kaggletrain.train.out_of_memory import describe, is_out_of_memory
 
 KAGGLE_SESSION_HOURS = 12.0
@@ -365,14 +366,6 @@ def _t4_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16}.get(precision, torch.float16)
 
 
-def _rehearse(trainer, model, micro: int, accum: int, amp_dtype, kernel: bool = True):
-    from kaggletrain.train.memory_rehearsal import rehearse_step
-
-    t = trainer.cfg.train
-    return rehearse_step(model, micro_batch=micro, seq_len=t.seq_len, amp_dtype=amp_dtype, accum=accum,
-                         use_chunking=t.use_chunking, bptt=t.bptt, l2wrap=t.l2wrap, kernel=kernel)
-
-
 def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list, on_cpu_instead: bool = False) -> dict:
     """The T4's peak for this config: measured when this is a T4, else rehearsed on fake tensors
     (train/memory_rehearsal.py), with the largest micro batch that fits when the configured one does not.
@@ -389,10 +382,10 @@ def t4_projection(cfg, trainer, peak, rss_before, oom, warnings: list, on_cpu_in
     try:
         if is_sharded(model):
             raise NotImplementedError("FSDP shards the weights, which the rehearsal does not model")
-        r = _rehearse(trainer, model, micro, accum, dtype)
+        r = rehearse_trainer_step(trainer, micro, accum, dtype)
     except Exception as e:  # the projection is an estimate: never the reason a dry run fails
-        why = (f"the T4 memory is not rehearsed ({_first_line(e)})" if isinstance(e, NotImplementedError)
-               else f"the T4 memory rehearsal failed ({type(e).__name__}: {_first_line(e)})")
+        why = (f"the T4 memory is not rehearsed ({first_line(e)})" if isinstance(e, NotImplementedError)
+               else f"the T4 memory rehearsal failed ({type(e).__name__}: {first_line(e)})")
         if on_cpu_instead:
             warnings.append(f"{why}; no T4 projection (the CPU stand-in's one-sequence steps say nothing about the "
                             f"GPU's)")
@@ -421,7 +414,7 @@ def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
     """The largest per-GPU micro batch below `micro` that divides the per-GPU batch and whose rehearsed T4 peak
     fits (memory grows with the micro batch: a bisection over the divisors); failing that, micro batch 1 with
     gradient checkpointing. None if nothing fits."""
-    t, model = trainer.cfg.train, trainer.model
+    t = trainer.cfg.train
     world = trainer.dist.world_size
     per_gpu, batch = micro * accum, micro * accum * world
     # Valid here and on Kaggle's T4 x2, which the pushed notebook runs as 2 processes (when the batch splits).
@@ -430,19 +423,14 @@ def _t4_fitting_micro_batch(trainer, micro: int, accum: int, dtype):
     best, lo, hi = None, 0, len(sizes) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        peak = _rehearse(trainer, model, sizes[mid], per_gpu // sizes[mid], dtype).peak_bytes
+        peak = rehearse_trainer_step(trainer, sizes[mid], per_gpu // sizes[mid], dtype).peak_bytes
         if fits_t4(peak):
             best = {"micro_batch_size": sizes[mid], "gradient_checkpointing": False, "projected_gb": peak / 1e9}
             lo = mid + 1
         else:
             hi = mid - 1
     if best is None and not t.gradient_checkpointing:
-        was = model._grad_ckpt
-        model._grad_ckpt = True  # (the mode the trainer would set stays as configured)
-        try:
-            peak = _rehearse(trainer, model, 1, per_gpu, dtype).peak_bytes
-        finally:
-            model._grad_ckpt = was
+        peak = rehearse_trainer_step(trainer, 1, per_gpu, dtype, grad_ckpt=True).peak_bytes
         if fits_t4(peak):
             best = {"micro_batch_size": 1, "gradient_checkpointing": True, "projected_gb": peak / 1e9}
     return best
@@ -468,16 +456,11 @@ def _rehearse_this_gpu(trainer, kernel: bool, warnings: list):
     beside the allocator's measured peak (how close the T4 projection is, checked wherever a GPU runs the dry
     run)."""
     try:
-        return _rehearse(trainer, trainer.model, trainer.micro, trainer.accum, trainer.precision.amp_dtype,
-                         kernel).peak_bytes
+        return rehearse_trainer_step(trainer, trainer.micro, trainer.accum, trainer.precision.amp_dtype,
+                                     kernel=kernel).peak_bytes
     except Exception as e:
-        warnings.append(f"the memory rehearsal for this GPU failed ({type(e).__name__}: {_first_line(e)})")
+        warnings.append(f"the memory rehearsal for this GPU failed ({type(e).__name__}: {first_line(e)})")
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    """An error's first line, at most 200 characters (for a one-line warning)."""
-    return str(e).splitlines()[0][:200] if str(e) else ""
 
 
 def _cpu_name() -> str:

@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from kaggletrain.errors import first_line
+from kaggletrain.train.memory_rehearsal import rehearse_trainer_step
+
 # A bound on the activations that costs nothing, for the many small configs that fit with room to spare.
 # Rehearsals of 1-4 layers, 64-768 wide, vocabularies of 256 and 50304, fp32 and bf16, with and without
 # attention, 64-512 tokens, kept at most 282 bytes per token, layer and channel, and the head (whose slices
@@ -116,17 +119,8 @@ def available_bytes(proc: str | os.PathLike = "/proc",
 
 def _need(trainer, micro: int, accum: int, seq_len: int, ckpt: Optional[bool] = None):
     """The rehearsed step's bytes beyond the weights, which are already in memory: (need, activations)."""
-    from kaggletrain.train.memory_rehearsal import rehearse_step
-
-    t, model = trainer.cfg.train, trainer.model
-    was = model._grad_ckpt
-    if ckpt is not None:
-        model._grad_ckpt = ckpt
-    try:
-        r = rehearse_step(model, micro_batch=micro, seq_len=seq_len, amp_dtype=trainer.precision.amp_dtype,
-                          accum=accum, use_chunking=t.use_chunking, bptt=t.bptt, l2wrap=t.l2wrap, kernel=False)
-    finally:
-        model._grad_ckpt = was
+    r = rehearse_trainer_step(trainer, micro, accum, trainer.precision.amp_dtype, kernel=False, seq_len=seq_len,
+                              grad_ckpt=ckpt)
     static = r.gradient_bytes + r.optimizer_bytes
     return r.peak_bytes - r.weight_bytes, r.peak_bytes - r.weight_bytes - static
 
@@ -150,9 +144,8 @@ def check_step_fits(trainer, notes: list) -> Optional[dict]:
             try:
                 result = _check(trainer, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             except Exception as e:  # an estimate: never the reason a run fails
-                first = str(e).splitlines()[0][:200] if str(e) else ""
                 said.append(f"this machine's memory was not checked before the steps: the rehearsal failed "
-                            f"({type(e).__name__}: {first})")
+                            f"({type(e).__name__}: {first_line(e)})")
     if trainer.dist.enabled:
         result, said = broadcast_object((result, said), trainer.dist)
     notes += said

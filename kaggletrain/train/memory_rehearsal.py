@@ -233,6 +233,22 @@ def rehearse_step(model, *, micro_batch: int, seq_len: int, amp_dtype: Optional[
                                           accum="; two micro-batches when accumulating" if accum > 1 else ""))
 
 
+def rehearse_trainer_step(trainer, micro: int, accum: int, amp_dtype: Optional[torch.dtype], *, kernel: bool = True,
+                          seq_len: Optional[int] = None, grad_ckpt: Optional[bool] = None) -> Rehearsal:
+    """`rehearse_step` for a set-up Trainer: its model and train settings (sequence length, chunking, BPTT,
+    L2Wrap), at `seq_len` tokens instead if given, and with gradient checkpointing switched to `grad_ckpt` for
+    the rehearsal if given (the model's own mode is put back)."""
+    t, model = trainer.cfg.train, trainer.model
+    was = model._grad_ckpt
+    if grad_ckpt is not None:
+        model._grad_ckpt = grad_ckpt
+    try:
+        return rehearse_step(model, micro_batch=micro, seq_len=seq_len or t.seq_len, amp_dtype=amp_dtype,
+                             accum=accum, use_chunking=t.use_chunking, bptt=t.bptt, l2wrap=t.l2wrap, kernel=kernel)
+    finally:
+        model._grad_ckpt = was
+
+
 def real_step_peak(model, ids: torch.Tensor, **forward_kwargs) -> int:
     """The rehearsal's reference: one real step of `model` on `ids` (labels = ids), its storages counted by the
     same tracker, with the weights and AdamW's moments alive throughout as in `rehearse_step`. A warm-up step
