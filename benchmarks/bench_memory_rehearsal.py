@@ -10,6 +10,10 @@ rehearsal's kernel operators. On a GPU the dry run itself sets the rehearsal bes
 
 Part 2: the projected T4 peak of configs/rwkv7_0.1b_t4.yaml and rwkv7_0.1b_t4x2.yaml and the rehearsal's time.
 
+Part 3: the prediction for the GPU: the rehearsal of benchmarks/bench_train_gpu.py's default step (0.1B: 12 x 768,
+vocab 50304; B=8, T=4096, bf16, the kernel's WKV, no L2Wrap), eager and with gradient checkpointing, to set beside
+what that benchmark measures on the next GPU.
+
     python benchmarks/bench_memory_rehearsal.py [--emulated] [--json out.json]
 """
 
@@ -74,6 +78,21 @@ def config_projection(path: str) -> dict:
     return row
 
 
+def gpu_step_prediction() -> list[dict]:
+    """bench_train_gpu.py's default step, rehearsed as that benchmark does (see the module doc)."""
+    m = RWKVModel(ModelConfig(hidden_size=768, num_layers=12, vocab_size=50304))
+    rows = []
+    for ckpt in (False, True):
+        m.enable_gradient_checkpointing(ckpt)
+        t0 = time.perf_counter()
+        r = rehearse_step(m, micro_batch=8, seq_len=4096, amp_dtype=torch.bfloat16, kernel=True, l2wrap=False)
+        rows.append({"gradient_checkpointing": ckpt, "rehearsed_gib": r.peak_bytes / 2**30,
+                     "rehearsal_s": time.perf_counter() - t0, "wkv": r.wkv})
+        print(f"bench_train_gpu step (0.1B, 8 x 4096, bf16){', gradient checkpointing' if ckpt else ''}: "
+              f"{rows[-1]['rehearsed_gib']:.2f} GiB in {rows[-1]['rehearsal_s']:.1f} s", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--emulated", action="store_true", help="add the emulated-kernel case (builds the emulator)")
@@ -86,9 +105,11 @@ def main() -> None:
                          kernel=True, B=2, T=256))
         del os.environ["KAGGLETRAIN_WKV_EMULATE"]
     configs = [config_projection(p) for p in ("configs/rwkv7_0.1b_t4.yaml", "configs/rwkv7_0.1b_t4x2.yaml")]
+    gpu = gpu_step_prediction()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cases": rows, "configs": configs, "torch": torch.__version__}, f, indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": rows, "configs": configs,
+                       "gpu_step_prediction": gpu, "torch": torch.__version__}, f, indent=2)
 
 
 if __name__ == "__main__":
