@@ -158,7 +158,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _f(
         "auto",
         "auto: bf16 on GPUs with native bf16 (A100, H100, L4), fp16 with gradient scaling on older GPUs "
-        "(T4, P100), fp32 on CPU.",
+        "(T4), fp32 on CPU. fp16 trains with dynamic loss scaling on any device (a CPU run checks the T4's "
+        "path).",
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when a GPU is visible, else cpu.")
     gradient_checkpointing: bool = _f(
@@ -861,8 +862,6 @@ def _cross_checks(cfg: RunConfig, where: _Where) -> None:
                 "train.micro_batch_size",
                 f"train.batch_size={t.batch_size} must be a multiple of it, got {t.micro_batch_size}",
             )
-    if t.precision == "fp16" and t.device == "cpu":
-        raise where.error("train.precision", "fp16 needs a CUDA GPU (train.device is cpu); use fp32 or bf16")
     if t.state_tuning and not m.get("rwkv_use_learnable_states", True):
         raise where.error("train.state_tuning", "needs model.rwkv_use_learnable_states: true (the states are what it trains)")
     if m.get("use_position_embeddings") and t.seq_len > m.get("max_position_embeddings", t.seq_len):

@@ -213,7 +213,7 @@ def _adapt_train(args: list[str], project: Path) -> list[str]:
             extra.append("model.rwkv_chunk_size=16")
     if t.device == "cuda":
         extra.append("train.device=cpu")
-    if t.device == "cuda" or t.precision == "fp16":  # fp16 needs a GPU (loss scaling)
+    if t.device == "cuda" or t.precision == "fp16":  # (fp16 runs on a CPU too, with its loss scaler: fp32 is quicker)
         extra.append("train.precision=fp32")
     extra += ["data.cache_dir=null", "logging.tensorboard=false", "logging.progress=false", "train.eval_batches=1",
               f"train.max_steps={4 if '--resume' in args else 2}"]

@@ -506,8 +506,10 @@ def test_a_gpu_config_dry_runs_on_a_machine_without_one(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["warnings"][0].startswith("train.device=cuda, but no CUDA GPU is visible here: the steps ran on the "
-                                         "CPU, one sequence of 64 tokens each, in fp32"), rep["warnings"]
-    assert rep["device"] == "cpu" and rep["precision"] == "fp32" and rep["tokens_per_step"] == 64
+                                         "CPU, one sequence of 64 tokens each, in fp16"), rep["warnings"]
+    assert not any("emulated" in w for w in rep["warnings"]), rep["warnings"]  # (the GPU's precision, on purpose)
+    # fp16 as configured, with its loss scaler, as on a T4 (before session 16: fp32 without one)
+    assert rep["device"] == "cpu" and rep["precision"] == "fp16" and rep["tokens_per_step"] == 64
     assert rep["tokens_per_s"] > 0 and math.isfinite(rep["val_loss_one_batch"])
     assert rep["projected_run_s"] is None and rep["fits_kaggle_session"] is None
     assert rep["t4_memory_method"].startswith("rehearsed") and rep["fits_t4"] is True

@@ -15,7 +15,7 @@ import torch
 from kaggletrain.cli import main as cli_main
 from kaggletrain.errors import CheckpointError
 from kaggletrain.interop import (detect_format, export_checkpoint, load_checkpoint, load_state_dict_any,
-                                 save_weights)
+                                 save_weights, states_path_for)
 from kaggletrain.model import RWKVModel
 from tiny_models import make_model  # tests/tiny_models.py
 
@@ -149,6 +149,48 @@ def test_safetensors_export_with_states_roundtrips(tmp_path):
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
     os.remove(tmp_path / "m.states.safetensors")  # the weights alone: a model without learnable states
     assert not load_checkpoint(tmp_path / "m.safetensors")[0].config.rwkv_use_learnable_states
+
+
+def stated_model(seed: int):
+    model = make_model(seed=seed, rwkv_use_learnable_states=True)
+    with torch.no_grad():
+        for p in model.learnable_state_parameters():
+            p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("fmt, ext", [("rwkv", "pth"), ("safetensors", "safetensors")])
+def test_export_without_states_removes_an_earlier_exports_states(tmp_path, fmt, ext):
+    """Before, the stateless export rewrote m.<ext> only, and every loader merged the earlier export's states
+    into the new weights (logits off by up to 0.86)."""
+    out = tmp_path / f"m.{ext}"
+    assert len(export_checkpoint(stated_model(6), out, format=fmt, dtype="fp32")) == 2
+    plain = make_model(seed=7)
+    assert cli_main(["export", str(plain.save_pretrained(tmp_path / "plain")), "--format", fmt, "--dtype", "fp32",
+                     "--output", str(out)]) == 0
+    assert not states_path_for(out).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    loaded, meta = load_checkpoint(out)
+    assert not loaded.config.rwkv_use_learnable_states and "states_file" not in meta
+    assert torch.equal(logits(loaded, IDS), logits(plain, IDS))
+    # A stateful export over it brings states back, its own.
+    tuned = stated_model(8)
+    export_checkpoint(tuned, out, format=fmt, dtype="fp32")
+    assert torch.equal(logits(load_checkpoint(out)[0], IDS), logits(tuned, IDS))
+
+
+def test_an_export_that_fails_to_write_leaves_the_earlier_export_whole(tmp_path):
+    """The new weights are written in full under a temporary name before the earlier export's states go: a
+    write that fails (here: a directory where that file would go) leaves the earlier pair as it was."""
+    out, tuned = tmp_path / "m.pth", stated_model(6)
+    export_checkpoint(tuned, out, format="rwkv", dtype="fp32")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / f".m.pth.{os.getpid()}.staged").mkdir()
+    with pytest.raises(Exception):
+        export_checkpoint(make_model(seed=7), out, format="rwkv", dtype="fp32")
+    (tmp_path / f".m.pth.{os.getpid()}.staged").rmdir()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert torch.equal(logits(load_checkpoint(out)[0], IDS), logits(tuned, IDS))
 
 
 def test_export_refuses_what_the_official_format_cannot_hold(tmp_path):

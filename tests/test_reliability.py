@@ -930,9 +930,12 @@ def test_config_path_problems(zygote, tmp_path):
 # Numerical faults
 # ------------------------------------------------------------------------------------------------
 
-def test_persistent_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(zygote, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_persistent_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(zygote, tmp_path, precision):
+    """fp16 too: its loss scaler skips a NaN step, but a NaN loss comes from the forward pass, which no loss scale
+    cures (before, an fp16 run went on skipping every step to max_steps, saving the diverged weights)."""
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path, run_dir, max_steps=2)
+    cfg = write_config(tmp_path, run_dir, max_steps=2, precision=precision)
     r = zygote.run("train", cfg, "checkpoint.every_steps=2")
     assert r.rc == 0, r.describe()
     good = run_dir / "checkpoints" / "step-00000002"
@@ -940,15 +943,39 @@ def test_persistent_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(zygo
     # lr 1e30: step 3's update throws the weights to ~1e30; from step 4 on the loss is NaN.
     r = zygote.run("train", cfg, "--resume", "train.lr=1e30", "train.warmup_steps=0", "train.max_steps=12",
                    "checkpoint.every_steps=2")
-    line = no_traceback_one_line(r, "loss is not finite", "step-00000002")
+    line = no_traceback_one_line(r, "loss is not finite for 3 steps in a row (step 6)", "step-00000002")
     assert ckpt.latest_checkpoint(run_dir / "checkpoints") == good, os.listdir(run_dir / "checkpoints")
     assert file_hashes(good) == before
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] is None and recs[-1]["skipped"]
+    assert [r["skipped"] for r in recs if r["step"] > 2] == [False, True, True]  # (steps 3-5; step 6 stops)
     # The kept checkpoint resumes normally.
     r2 = zygote.run("train", cfg, "--resume", "train.max_steps=3")
     assert r2.rc == 0 and "resumed at step 2" in r2.stdout, r2.describe()
-    FIGURES["nonfinite"] = line
+    FIGURES["nonfinite" if precision == "fp32" else "nonfinite_fp16"] = line
+
+
+def test_fp16_loss_scale_floor_stops_the_run(zygote, tmp_path):
+    """A skipped step that leaves fp16's loss scale below 1 stops the run (the gradients overflow fp16 even
+    unscaled; without the floor the scale halved to 0 and the run skipped every step to the end). The run
+    resumes from a checkpoint whose scale had already fallen to 2, so the floor is met before 3 NaN losses."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, run_dir, max_steps=2, precision="fp16")
+    r = zygote.run("train", cfg, "checkpoint.every_steps=2")
+    assert r.rc == 0, r.describe()
+    good = run_dir / "checkpoints" / "step-00000002"
+    state = torch.load(good / "trainer_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] >= 2.0 ** 10  # fp16 on a CPU trains with a loss scaler (it starts at 2**16)
+    state["scaler"]["scale"] = 2.0
+    torch.save(state, good / "trainer_state.pt")
+    before = file_hashes(good)
+    # Step 3 (scale 2) throws the weights to ~1e30; steps 4 and 5 skip, halving the scale to 1, then 0.5.
+    r = zygote.run("train", cfg, "--resume", "train.lr=1e30", "train.warmup_steps=0", "train.max_steps=12",
+                   "checkpoint.every_steps=2")
+    no_traceback_one_line(r, "skipped 2 step(s) in a row (step 5: gradients not finite)", "loss scale fell to 0.5, below 1",
+                          "step-00000002")
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints") == good, os.listdir(run_dir / "checkpoints")
+    assert file_hashes(good) == before
 
 
 def test_detect_anomaly_runs(zygote, tmp_path):

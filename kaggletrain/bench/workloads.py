@@ -65,7 +65,7 @@ class TrainStep:
             model.enable_mixed_precision(PRECISIONS[precision])
         model.train()
         self.opt = build_optimizer(model, 6e-4, 0.1, (0.9, 0.99), 1e-8, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         ids = tokens(model.config.vocab_size, batch, seq_len + 1, device, seed)
         self.x, self.y = ids[:, :-1], ids[:, 1:]
         self.chunking, self.bptt = chunking, bptt

@@ -17,7 +17,8 @@ def export_cmd(
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 (as official releases), fp16 or fp32."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write (.pth for rwkv, .safetensors)."),
 ):
-    """Export a checkpoint. Learnable states, if any, go to <output name>.states.<ext> next to it."""
+    """Export a checkpoint. Learnable states, if any, go to <output name>.states.<ext> next to it (an earlier
+    export's states file there is removed when the model has none)."""
     from kaggletrain.interop import export_checkpoint
 
     for path in export_checkpoint(checkpoint, output, format=fmt, dtype=dtype):

@@ -4,7 +4,8 @@ Both outputs hold the official tensors only. Learnable states (state tuning: `bl
 [H, N, N] in [head, value, key] layout, i.e. the rwkv package's `state[3N+1]`, plus the two token-shift
 states [C], which are its `state[3N]` and `state[3N+2]`) go to a file of their own next to it,
 `<name>.states.pth` / `<name>.states.safetensors`, always float32. `load_checkpoint` picks that file up
-again when it sits next to the weights.
+again when it sits next to the weights. An export without states removes such a file left by an earlier export
+to the same name.
 """
 
 from __future__ import annotations
@@ -56,15 +57,25 @@ def export_checkpoint(source, output: Union[str, os.PathLike], format: str = "rw
     split = official_state_dict if format == "rwkv" else split_state_dict
     weights, states = split(model, DTYPES[dtype])
 
-    if format == "rwkv":
-        write_torch(out, weights)
-    else:
-        # The main file alone is a model without learnable states; the states file adds them back.
-        cfg = {**model.config.to_dict(), "rwkv_use_learnable_states": False}
-        write_safetensors(out, weights, {**model_metadata(model), META_CONFIG_KEY: json.dumps(cfg)})
+    # The states file beside `out` must always belong to the weights there: the new weights are written in full
+    # first (under a temporary name: a failed write leaves the earlier export whole), then an earlier export's
+    # states go, the weights take the name, and the new states (if any) follow. An export cut off part-way
+    # leaves weights without states, never weights with another model's states.
+    sp = states_path_for(out)
+    staged = out.with_name(f".{out.name}.{os.getpid()}.staged")
+    try:
+        if format == "rwkv":
+            write_torch(staged, weights)
+        else:
+            # The main file alone is a model without learnable states; the states file adds them back.
+            cfg = {**model.config.to_dict(), "rwkv_use_learnable_states": False}
+            write_safetensors(staged, weights, {**model_metadata(model), META_CONFIG_KEY: json.dumps(cfg)})
+        sp.unlink(missing_ok=True)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
     written = [out]
     if states:
-        sp = states_path_for(out)
         (write_torch if format == "rwkv" else write_safetensors)(sp, states)
         written.append(sp)
     return written

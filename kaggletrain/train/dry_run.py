@@ -74,11 +74,11 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
     # (A real run here stops with an error.)
     on_cpu_instead = dcfg.train.device == "cuda" and not torch.cuda.is_available()
     if on_cpu_instead:
-        # One sequence per process (under torchrun, one each); fp16 has no CPU path (config validation rejects it
-        # there): fp32 instead; torch.compile needs the GPU.
+        # One sequence per process (under torchrun, one each), in the configured precision (fp16 with its loss
+        # scaler, as on a T4); torch.compile needs the GPU.
         dcfg.train = dataclasses.replace(
             dcfg.train, device="cpu", batch_size=int(os.environ.get("WORLD_SIZE", "1")), micro_batch_size=1,
-            precision="fp32" if dcfg.train.precision == "fp16" else dcfg.train.precision, compile=False)
+            compile=False)
     rss_before = _rss_peak_bytes()
     t_setup = time.perf_counter()
     trainer = Trainer(dcfg, resume=False, progress=False)
@@ -253,7 +253,7 @@ def _nonfinite_run(losses: list) -> int:
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
             resolve_impl, start_step=0, ckpt_oom=None, on_cpu_instead=False):
     from kaggletrain.ops.wkv import kernel_applies
-    from kaggletrain.train.loop import MAX_NONFINITE_STEPS
+    from kaggletrain.train.loop import MAX_NONFINITE_STEPS, MIN_LOSS_SCALE
 
     t, model, device = cfg.train, trainer.model, trainer.device
     n_params = model.num_parameters()
@@ -281,10 +281,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
                         f"path was not checked to the end here; this says nothing about the GPU")
         would_stop = []
     bad = _nonfinite_run(losses)
-    # fp16's loss scaler skips non-finite steps, and the real run with it: the configured precision decides
-    # (the CPU stand-in of an fp16 or auto config runs fp32 without a scaler).
-    scaler_on = trainer.scaler.is_enabled() or (on_cpu_instead and cfg.train.precision in ("fp16", "auto"))
-    if bad and not scaler_on:
+    if bad:  # (fp16's loss scaler skips such steps, but a real run stops after a few all the same)
         first = next(i for i, x in enumerate(losses) if not math.isfinite(x)) + 1
         if bad >= MAX_NONFINITE_STEPS:
             would_stop.append(f"the loss was not finite for {bad} steps in a row (from dry-run step {first}): a real "
@@ -292,9 +289,10 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         else:
             would_stop.append(f"the loss was not finite at dry-run step {first}; a real run stops after "
                               f"{MAX_NONFINITE_STEPS} such steps in a row: lower train.lr, or check the data")
-    elif losses and not math.isfinite(losses[-1]):
-        would_stop.append("the loss was still not finite at the last step although fp16's loss scaler skips such "
-                          "steps: lower train.lr, or check the data")
+    if trainer.scaler.is_enabled() and trainer.scaler.get_scale() < MIN_LOSS_SCALE:
+        would_stop.append(f"fp16's loss scale fell to {trainer.scaler.get_scale():g}, below {MIN_LOSS_SCALE:g} (the "
+                          f"gradients overflow fp16 even unscaled): a real run stops there; lower train.lr, or use "
+                          f"fp32 (bf16 on a GPU that has it)")
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if t.precision == "bf16" and cap[0] < 8:
@@ -315,7 +313,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         warnings.append(f"the step time and the projection rest on {len(times)} measured step"
                         f"{'s' if len(times) > 1 else ''} after the warm-up: --steps 5 or more measures a steadier "
                         f"median (the default, 10, measures 8)")
-    if device.type == "cpu" and trainer.precision.name in ("fp16", "bf16"):
+    if device.type == "cpu" and trainer.precision.name in ("fp16", "bf16") and not on_cpu_instead:
         warnings.append(f"{trainer.precision.name} on CPU is emulated and usually slower than fp32")
     return {
         "config": cfg.source,

@@ -31,6 +31,10 @@ from kaggletrain.train.out_of_memory import describe, is_out_of_memory
 from kaggletrain.train.precision import resolve_device, resolve_precision
 
 MAX_NONFINITE_STEPS = 3
+# fp16: a skipped step that leaves the loss scale below this stops the run. Below 1 the gradients overflow fp16
+# even unscaled, and halving again cannot help (DeepSpeed's default floor is 1 too); without a floor the scale
+# halves to 0 and the run skips every step to the end.
+MIN_LOSS_SCALE = 1.0
 
 
 class TrainingError(KaggletrainError):
@@ -169,7 +173,7 @@ class Trainer:
             # parameter's accumulated gradient once per backward, in buckets ordered as on rank 0.
             self.ddp_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.use_scaler)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.step = 0
 
     def _init_from(self, model, path: str) -> None:
@@ -383,10 +387,9 @@ class Trainer:
         packed = all_reduce_sum(packed, self.dist).tolist()
         loss_val = packed[0] / self.dist.world_size
         self._stop_agreed = self._stop_agreed or packed[1] > 0
-        skipped = False
-        if not math.isfinite(loss_val) and not self.scaler.is_enabled():
+        skipped = not math.isfinite(loss_val)  # no update from a non-finite loss, with a scaler or without
+        if skipped and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
-            skipped = True
         else:
             if t.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -471,7 +474,7 @@ class Trainer:
             torch.autograd.set_detect_anomaly(True)
         history, last_ckpt, val_loss, train_loss = [], None, None, None
         tokens_done, time_done = 0, 0.0
-        nonfinite = 0
+        nonfinite = skipped_run = 0  # consecutive steps with a non-finite loss / skipped by the scaler
         t_start = time.perf_counter()
         progress = _Progress(enabled=is_main and self.show_progress, total=t.max_steps, start=start_step,
                              name=cfg.name)
@@ -480,19 +483,18 @@ class Trainer:
                 while self.step < t.max_steps:
                     with self._out_of_memory_as_error(f"training step {self.step + 1}", last_ckpt):
                         res = self.train_step()
-                    if not math.isfinite(res.loss) and not self.scaler.is_enabled():
-                        nonfinite += 1
-                        if nonfinite >= MAX_NONFINITE_STEPS:
-                            # The weights saved at step s gave the loss of step s + 1: the checkpoints from
-                            # the step before the first non-finite loss on are set aside, never resumed from.
-                            first_bad = self.step - nonfinite + 1
-                            keep = ckpt.quarantine_from(self.ckpt_root, first_bad - 1) if is_main else None
-                            raise TrainingError(
-                                f"loss is not finite for {nonfinite} steps in a row (step {self.step}); stopped. "
-                                f"Last good checkpoint: {keep or 'none yet'}. Try a lower train.lr, "
-                                f"train.precision=fp32, or train.detect_anomaly=true")
-                    else:
-                        nonfinite = 0
+                    # (fp16's scaler skips a non-finite loss too, but cannot cure one: it comes from the forward
+                    # pass, which the loss scale does not touch)
+                    nonfinite = 0 if math.isfinite(res.loss) else nonfinite + 1
+                    skipped_run = skipped_run + 1 if res.skipped else 0
+                    if nonfinite >= MAX_NONFINITE_STEPS:
+                        raise self._diverged(nonfinite, is_main, f"loss is not finite for {nonfinite} steps in a "
+                                             f"row (step {self.step})")
+                    if res.skipped and self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE:
+                        raise self._diverged(skipped_run, is_main, (
+                            f"fp16's loss scaler skipped {skipped_run} step(s) in a row (step {self.step}: gradients "
+                            f"not finite) and the loss scale fell to {self.scaler.get_scale():g}, below "
+                            f"{MIN_LOSS_SCALE:g}: halving it again cannot help"))
                     if self.step > start_step + 1 or self.step == t.max_steps:  # first step includes warm-up
                         tokens_done += res.tokens
                         time_done += res.seconds
@@ -556,6 +558,17 @@ class Trainer:
         if host:  # (every rank has rank 0's verdict: each stops; rank 0 alone prints it)
             message = f"{host['problem']}; {suggestion_text(host['suggestion'])}"
             raise RankFailed(message) if not self.dist.is_main else TrainingError(message)
+
+    def _diverged(self, bad_steps: int, is_main: bool, what: str) -> TrainingError:
+        """The error that stops a run whose last `bad_steps` steps went wrong. The weights saved at step s gave
+        the loss of step s + 1: the checkpoints from the step before the first bad one on are set aside, never
+        resumed from."""
+        first_bad = self.step - bad_steps + 1
+        keep = ckpt.quarantine_from(self.ckpt_root, first_bad - 1) if is_main else None
+        fp32 = "train.precision=fp32 (or bf16 on a GPU that has it)" if self.precision.name == "fp16" else \
+            "train.precision=fp32"
+        return TrainingError(f"{what}; stopped. Last good checkpoint: {keep or 'none yet'}. Try a lower train.lr, "
+                             f"{fp32}, or train.detect_anomaly=true")
 
     @contextlib.contextmanager
     def _out_of_memory_as_error(self, where: str, last_ckpt):
