@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -171,6 +172,10 @@ def test_ddp_matches_one_process_stops_together_and_resumes_with_one_process(set
     assert out.count("done: step") == 1 and out.count("world size 2") == 1, out
     assert out.count(f"checkpoint saved at step {stopped}") == 1, out
     assert "a stop signal on another rank" in out
+    # Every rank exits with SIGTERM's status (before: rank 0 with SIGINT's 130, which torchrun reported as the
+    # root cause, and the rank that got the signal with 0).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out)
+    assert agent.returncode != 0 and codes and set(codes) == {"143"}, (agent.returncode, codes, out[-3000:])
     assert [r["step"] for r in records(run_dir)] == list(range(1, stopped + 1))
     assert (run_dir / "loss.png").exists()
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

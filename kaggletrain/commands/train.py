@@ -46,6 +46,7 @@ def train(
     from rich.console import Console
 
     from kaggletrain.process import hold_until_exit
+    from kaggletrain.train.distributed import barrier
     from kaggletrain.train.loop import Trainer
 
     console = Console()
@@ -62,12 +63,17 @@ def train(
                           f"batch {cfg.train.batch_size}x{cfg.train.seq_len} (accumulation {trainer.accum})"
                           + (f", resumed at step {trainer.step}" if trainer.step else ""))
         summary = trainer.fit()
+        if trainer.dist.is_main:
+            val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
+            tl = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
+            console.print(f"[green]done[/]: step {summary.steps}, train loss {tl}, val loss {val}, "
+                          f"{summary.tokens_per_s:,.0f} tok/s, {summary.elapsed_s:.1f} s; checkpoint "
+                          f"{summary.checkpoint}")
+        # No rank exits before rank 0 has written and printed everything: torchrun stops the other workers as
+        # soon as one exits with a non-zero status (as all do after a signal).
+        barrier(trainer.dist)
     finally:
         trainer.close()
-    if trainer.dist.is_main:
-        val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "n/a"
-        tl = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
-        console.print(f"[green]done[/]: step {summary.steps}, train loss {tl}, val loss {val}, "
-                      f"{summary.tokens_per_s:,.0f} tok/s, {summary.elapsed_s:.1f} s; checkpoint {summary.checkpoint}")
-        if summary.stopped_by_signal:
-            raise typer.Exit(code=128 + int(trainer._stop_signal or 2))  # SIGTERM 143, SIGINT 130
+    if summary.stopped_by_signal:  # every rank, with the signal the ranks agreed on: SIGTERM 143, SIGINT 130
+        raise typer.Exit(code=128 + int(trainer.stop_signal_agreed or 2))
+

@@ -87,6 +87,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self._stop_signal: Optional[int] = None   # a signal this process received
         self._stop_agreed = False                   # some rank received one: every rank stops after this step
+        self.stop_signal_agreed: Optional[int] = None  # that signal (SIGTERM if any rank got one): the exit status
         self._compile_ok = False                    # a compiled (train.compile) step has succeeded
 
     # ------------------------------------------------------------------------------------------
@@ -382,11 +383,15 @@ class Trainer:
             total += loss.detach()
         # One all-reduce carries the loss and the stop flag: a signal received by any rank stops every
         # rank after this same step (no rank is left waiting in a collective).
-        packed = torch.stack([total.float(), torch.tensor(float(self._stop_signal is not None),
-                                                          device=self.device)])
+        # Which signal each rank got travels too, so that every rank exits with the same status (SIGTERM's
+        # if any rank got one: a scheduler's stop outranks a Ctrl-C).
+        got = [float(self._stop_signal == sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+        packed = torch.cat([total.float().reshape(1), torch.tensor(got, device=self.device)])
         packed = all_reduce_sum(packed, self.dist).tolist()
         loss_val = packed[0] / self.dist.world_size
-        self._stop_agreed = self._stop_agreed or packed[1] > 0
+        if packed[1] > 0 or packed[2] > 0:
+            self._stop_agreed = True
+            self.stop_signal_agreed = self.stop_signal_agreed or int(signal.SIGTERM if packed[1] > 0 else signal.SIGINT)
         skipped = not math.isfinite(loss_val)  # no update from a non-finite loss, with a scaler or without
         if skipped and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
