@@ -252,7 +252,8 @@ _TOP_LEVEL_HELP = {
 }
 _INIT_FROM_HELP = (
     "A checkpoint to initialise the weights from before training (a kaggletrain run directory or "
-    "checkpoint, or an official RWKV-7 .pth). null: random initialisation."
+    "checkpoint, or an official RWKV-7 .pth). null: random initialisation. Read only by a fresh start: a "
+    "resumed or evaluated run takes every weight from its own checkpoint, so the base may be gone by then."
 )
 _VOCAB_HELP_SUFFIX = " null: taken from the tokenizer (256 byte, 65536 world, data-dependent for char)."
 

@@ -252,3 +252,24 @@ def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compiler_failure(tm
     finally:
         tr.close()
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_evaluates_and_resumes_once_its_init_from_base_is_gone(tmp_path):
+    """A run started from model.init_from holds every weight in its checkpoints: `eval RUN` and `train --resume`
+    (and its dry run) work once the base is gone (a fine-tune whose base came from /kaggle/input, pulled home)."""
+    (tmp_path / "base").mkdir()
+    run_cli("train", write_config(tmp_path / "base", max_steps=1))
+    run_cli("train", write_config(tmp_path, max_steps=2, eval_interval=0), f"model.init_from={tmp_path / 'base/run'}")
+    shutil.rmtree(tmp_path / "base")
+    run = tmp_path / "run"
+    result = json.loads(run_cli("eval", run, "--json").stdout)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["step"] == 2 and result["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    run_cli("train", run / "config.yaml", "--resume", "train.max_steps=3", "--dry-run", "--steps", "2")
+    run_cli("train", run / "config.yaml", "--resume", "train.max_steps=3")
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-00000003"
+    # A fresh start still needs the base, and says so.
+    proc = run_cli("train", run / "config.yaml", f"out_dir={tmp_path / 'fresh'}", check=False)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and err.startswith("error: model.init_from: ") and "base" in err, err

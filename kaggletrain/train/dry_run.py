@@ -87,7 +87,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
 
         hold_until_exit(trainer)
     try:
-        trainer.setup()
+        trainer.setup(checkpoint_follows=resume_from is not None)
         if resume_from is not None:  # the real run resumes: so does the rehearsal (the files are only read)
             stand_in_batch = trainer.sampler.global_batch
             if on_cpu_instead:  # the saved data stream is checked against the configured batch, not the stand-in's

@@ -38,7 +38,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int]
         raise CheckpointError(f"{ckpt_dir}: no run_config.yaml; eval needs a checkpoint written by `kaggletrain train`")
     cfg = load_config(run_yaml, overrides)
     trainer = Trainer(cfg, resume=True, progress=False)
-    trainer.setup(out_dir_writable=False)
+    trainer.setup(out_dir_writable=False, checkpoint_follows=True)  # (model.init_from is not needed)
     trainer.load(ckpt_dir)
     t = cfg.train
     n = batches or t.eval_batches

@@ -91,7 +91,8 @@ class Trainer:
         self._compile_ok = False                    # a compiled (train.compile) step has succeeded
 
     # ------------------------------------------------------------------------------------------
-    def setup(self, *, out_dir_writable: bool = True) -> "Trainer":
+    def setup(self, *, out_dir_writable: bool = True, checkpoint_follows: bool = False) -> "Trainer":
+        """`checkpoint_follows`: the caller loads a checkpoint next (eval, the dry run of a resume)."""
         cfg, t = self.cfg, self.cfg.train
         self.device = resolve_device(t.device, self.dist.local_rank)
         init_distributed(self.dist, self.device)
@@ -106,9 +107,12 @@ class Trainer:
                                   "(T4/sm_75): use fp16 or auto")
         torch.manual_seed(t.seed)
         self._prepare_data()
-        self._build_model()
+        latest = self._checkpoint_to_resume() if out_dir_writable else None
+        # A checkpoint holds every weight, so model.init_from is not read before one is loaded: its file may be
+        # gone by then (a fine-tune whose base came from /kaggle/input, pulled home).
+        self._build_model(init_from=not (checkpoint_follows or latest))
         if out_dir_writable:
-            self._resume_or_start()
+            self._resume_or_start(latest)
         return self
 
     def _prepare_data(self) -> None:
@@ -134,14 +138,13 @@ class Trainer:
                                      global_batch=self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                      rank=self.dist.rank, world_size=self.dist.world_size)
 
-    def _build_model(self) -> None:
+    def _build_model(self, init_from: bool = True) -> None:
         from kaggletrain.model import RWKVModel
 
         cfg, t = self.cfg, self.cfg.train
         model = RWKVModel(self.model_config)
-        init_from = cfg.model.get("init_from")
-        if init_from:
-            self._init_from(model, init_from)
+        if init_from and cfg.model.get("init_from"):
+            self._init_from(model, cfg.model["init_from"])
         if t.state_tuning:
             if not self.model_config.rwkv_use_learnable_states:
                 raise ConfigError("train.state_tuning: needs model.rwkv_use_learnable_states: true")
@@ -202,13 +205,16 @@ class Trainer:
         model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
     # ------------------------------------------------------------------------------------------
-    def _resume_or_start(self) -> None:
-        # Rank 0 decides (its file system holds the checkpoints); every rank then acts alike.
+    def _checkpoint_to_resume(self) -> Optional[Path]:
+        """The checkpoint this run starts from (None: a fresh start). Rank 0 decides (its file system holds the
+        checkpoints); every rank then acts alike."""
         latest = ckpt.latest_checkpoint(self.ckpt_root) if self.dist.is_main else None
         if self.dist.enabled:
             latest = broadcast_object(str(latest) if latest else None, self.dist)
             latest = Path(latest) if latest else None
-        latest = resume_decision(self.out_dir, latest, self.resume)
+        return resume_decision(self.out_dir, latest, self.resume)
+
+    def _resume_or_start(self, latest: Optional[Path]) -> None:
         if latest is not None:
             self.load(latest)
         error = None
