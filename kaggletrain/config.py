@@ -189,7 +189,13 @@ class TrainConfig:
     eval_interval: int = _f(
         250, "Evaluate the validation loss every this many steps (and at the end); 0: only at the end.", ge=0
     )
-    eval_batches: int = _f(20, "Validation batches per evaluation (fixed windows, same every time).", ge=1)
+    eval_batches: int = _f(
+        20,
+        "Validation batches per evaluation: eval_batches x batch_size fixed windows of seq_len tokens, spread "
+        "evenly over the validation split (all of it if shorter), the same every time; run in micro-batches "
+        "of micro_batch_size, so the loss depends on neither micro_batch_size nor the number of processes.",
+        ge=1,
+    )
     detect_anomaly: bool = _f(
         False, "torch.autograd anomaly detection: finds the op producing NaN/inf (slow; debugging only)."
     )

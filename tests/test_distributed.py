@@ -277,10 +277,12 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(setup):
     state = ckpt.load_trainer_state(final)
     assert state["distributed"] == "fsdp" and all(isinstance(k, str) for k in state["optimizer"]["state"])
     base_val = json.loads((base / "summary.json").read_text())["val_loss"]
+    # The baseline's 3 x 4 validation windows, here in micro-batches of 1 split over the ranks.
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == pytest.approx(base_val, abs=TOL)
 
-    # One process evaluates the FSDP checkpoint (micro-batch 1 x 12 batches: the baseline's 12 windows).
-    res = json.loads(run(1, "eval", run_dir, "--json", "--batches", "12").stdout)
-    assert res["step"] == STEPS and res["val_loss"] == pytest.approx(base_val, abs=TOL)
+    # One process evaluates the FSDP checkpoint (its run config's micro-batch of 1: the same 12 windows).
+    res = json.loads(run(1, "eval", run_dir, "--json").stdout)
+    assert res["step"] == STEPS and res["val_loss"] == pytest.approx(base_val, abs=TOL) and res["tokens"] == 12 * 32
 
     # 2 processes under DDP resume the FSDP checkpoint of step 4 (rank 0 reads, broadcasts).
     resumed = truncate_run(run_dir, root / "fsdp_then_ddp", 4)

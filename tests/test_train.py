@@ -215,7 +215,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(tmp_path):
                 assert not tr.model.compiled
             else:
                 first = tr.train_step()
-            results.append((first.loss, tr.train_step().loss, tr.evaluate(max_batches=1)))
+            results.append((first.loss, tr.train_step().loss, tr.evaluate(max_micro_batches=1)))
         finally:
             tr.close()
     assert results[1] == results[0]
@@ -273,3 +273,22 @@ def test_a_fine_tune_evaluates_and_resumes_once_its_init_from_base_is_gone(tmp_p
     proc = run_cli("train", run / "config.yaml", f"out_dir={tmp_path / 'fresh'}", check=False)
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and err.startswith("error: model.init_from: ") and "base" in err, err
+
+
+@pytest.mark.slow
+def test_validation_covers_the_same_windows_whatever_the_micro_batch(tmp_path):
+    """train.micro_batch_size only saves memory: an evaluation covers eval_batches x batch_size windows, run in
+    micro-batches, so a checkpoint's val_loss, token count and bits per byte, and a run's logged val_loss, are
+    those of the run without micro-batches."""
+    cfg = write_config(tmp_path, max_steps=2, eval_interval=0)
+    run_cli("train", cfg)
+    run_cli("train", cfg, f"out_dir={tmp_path / 'micro'}", "train.micro_batch_size=1")
+    whole, micro = (json.loads(run_cli("eval", tmp_path / "run", "--json", *extra).stdout)
+                    for extra in ([], ["train.micro_batch_size=1"]))
+    assert whole["tokens"] == micro["tokens"] == 2 * 4 * 32  # eval_batches x batch_size windows of seq_len
+    assert micro["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert micro["bits_per_byte"] == pytest.approx(whole["bits_per_byte"], rel=1e-6)
+    logged = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+              for name in ("run", "micro")]
+    assert logged[0] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert logged[1] == pytest.approx(logged[0], rel=1e-4)  # (the same training, summed in another order)

@@ -16,7 +16,8 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A run directory or one of its checkpoint directories."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the run's config, e.g. "
                                                     "data.source=other.txt train.eval_batches=50"),
-    batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Validation batches (default: config)."),
+    batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Validation batches of train.batch_size "
+                                          "windows each (default: train.eval_batches)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Evaluate a checkpoint on its run's validation split (or another source via overrides)."""

@@ -115,7 +115,7 @@ def dry_run(cfg, steps: int = 10, _trial: bool = False, resume: bool | None = No
         val = None
         try:  # before the checkpoint round trip, whose host copies would count in a CPU process's peak
             if not host:  # (the evaluation batch is the step's micro batch, without gradients: it may not fit)
-                val = trainer.evaluate(max_batches=1)
+                val = trainer.evaluate(max_micro_batches=1)
         except Exception as e:  # evaluation at the configured batch may not fit either
             if not is_out_of_memory(e):
                 raise
@@ -252,6 +252,7 @@ def _nonfinite_run(losses: list) -> int:
 
 def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, ckpt_s, eval_batch_s, val, oom,
             resolve_impl, start_step=0, ckpt_oom=None, on_cpu_instead=False):
+    from kaggletrain.data import eval_offsets
     from kaggletrain.ops.wkv import kernel_applies
     from kaggletrain.train.loop import MAX_NONFINITE_STEPS, MIN_LOSS_SCALE
 
@@ -266,7 +267,12 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
     has_val = trainer.data.val_tokens is not None and len(trainer.data.val_tokens) >= t.seq_len + 1
     n_evals = events(start_step, t.max_steps, t.eval_interval) if has_val else 0
     n_ckpts = events(start_step, t.max_steps, cfg.checkpoint.every_steps)
-    projected_s = (remaining * step_s + n_evals * t.eval_batches * eval_batch_s + n_ckpts * ckpt_s + setup_s
+    # An evaluation: eval_batches x batch_size windows (fewer on a short split), each rank its share of them
+    # in micro-batches, each timed as eval_batch_s.
+    val_len = len(trainer.data.val_tokens) if has_val else 0
+    windows = len(eval_offsets(val_len, t.seq_len, t.eval_batches * t.batch_size))
+    eval_s = -(-windows // (trainer.micro * trainer.dist.world_size)) * eval_batch_s
+    projected_s = (remaining * step_s + n_evals * eval_s + n_ckpts * ckpt_s + setup_s
                    if step_s is not None and not on_cpu_instead else None)
     probe = torch.empty(1, 2, 1, model.config.head_size, device=device,
                         dtype=trainer.precision.amp_dtype or torch.float32)

@@ -28,7 +28,6 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 
 def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int] = None) -> dict:
     from kaggletrain.config import load_config
-    from kaggletrain.data import eval_batches
     from kaggletrain.train.loop import Trainer
 
     ckpt_dir = resolve_checkpoint_dir(path)
@@ -41,13 +40,11 @@ def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int]
     trainer.setup(out_dir_writable=False, checkpoint_follows=True)  # (model.init_from is not needed)
     trainer.load(ckpt_dir)
     t = cfg.train
-    n = batches or t.eval_batches
-    val = trainer.data.val_tokens
-    if val is None or len(val) < t.seq_len + 1:
+    batches_xy = trainer.eval_windows(batches)  # what trainer.evaluate(batches) evaluates
+    if batches_xy is None:
         raise CheckpointError(f"{cfg.data.source}: validation split shorter than one sequence of {t.seq_len} tokens")
-    batches_xy = eval_batches(val, t.seq_len, trainer.micro, n)
     t0 = time.perf_counter()
-    loss = trainer.evaluate(max_batches=n)
+    loss = trainer.evaluate(batches)
     seconds = time.perf_counter() - t0
     n_tokens = sum(int(y.numel()) for _, y in batches_xy)
     # Bits per byte: total nats over the UTF-8 bytes the target tokens decode to.

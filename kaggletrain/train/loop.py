@@ -417,28 +417,40 @@ class Trainer:
         return StepResult(loss_val, lr, x.numel() * self.dist.world_size, time.perf_counter() - t0, skipped,
                           time.process_time() - c0)
 
-    def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
-        return self._compile_fallback(lambda: self._evaluate(max_batches))
+    def evaluate(self, batches: Optional[int] = None, *, max_micro_batches: Optional[int] = None) -> Optional[float]:
+        return self._compile_fallback(lambda: self._evaluate(batches, max_micro_batches))
 
-    @torch.no_grad()
-    def _evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
-        """Mean validation loss over fixed windows (the same windows at every evaluation).
-
-        Under torchrun every rank must call it: each rank evaluates `eval_batches` micro-batches of its own
-        (with micro_batch_size unset: eval_batches x batch_size windows in all, the very windows one process
-        evaluates) and the sums are all-reduced (FSDP: every rank runs the same number of forward passes,
-        as its collectives need)."""
+    def eval_windows(self, batches: Optional[int] = None, max_micro_batches: Optional[int] = None) -> Optional[list]:
+        """The micro-batches (x, y) of one evaluation, all ranks' in order (rank r of W takes r, r + W, ...); None
+        without a validation split. An evaluation covers `batches` (default train.eval_batches) global batches of
+        train.batch_size fixed windows (fewer if the split is shorter): the same windows, and so the same loss,
+        whatever train.micro_batch_size (a memory setting) or the number of processes. `max_micro_batches`: at
+        most this many micro-batches per rank (the dry run's check that one runs and fits)."""
         from kaggletrain.data import eval_batches
 
         t = self.cfg.train
         val = self.data.val_tokens
         if val is None or len(val) < t.seq_len + 1:
             return None
+        count = (batches or t.eval_batches) * t.batch_size // self.micro  # batch_size is a multiple of micro x W
+        if max_micro_batches:
+            count = min(count, max_micro_batches * self.dist.world_size)
+        return eval_batches(val, t.seq_len, self.micro, count)
+
+    @torch.no_grad()
+    def _evaluate(self, batches: Optional[int] = None, max_micro_batches: Optional[int] = None) -> Optional[float]:
+        """Mean validation loss over the fixed windows of `eval_windows` (the same at every evaluation).
+
+        Under torchrun every rank must call it: each evaluates its share of the micro-batches and the sums are
+        all-reduced (FSDP: every rank runs the same number of forward passes, as its collectives need)."""
+        t = self.cfg.train
+        windows = self.eval_windows(batches, max_micro_batches)
+        if windows is None:
+            return None
         W, r = self.dist.world_size, self.dist.rank
-        batches = eval_batches(val, t.seq_len, self.micro, (max_batches or t.eval_batches) * W)
-        mine = [(batches[i], 1.0) for i in range(r, len(batches), W)]
+        mine = [(windows[i], 1.0) for i in range(r, len(windows), W)]
         if self.fsdp:  # pad with zero-weight passes so that every rank joins every all-gather
-            mine += [(batches[0], 0.0)] * (-(-len(batches) // W) - len(mine))
+            mine += [(windows[0], 0.0)] * (-(-len(windows) // W) - len(mine))
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
