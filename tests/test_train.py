@@ -292,3 +292,43 @@ def test_validation_covers_the_same_windows_whatever_the_micro_batch(tmp_path):
               for name in ("run", "micro")]
     assert logged[0] == pytest.approx(whole["val_loss"], rel=1e-6)
     assert logged[1] == pytest.approx(logged[0], rel=1e-4)  # (the same training, summed in another order)
+
+
+STOP_IN_STEP = r"""
+import os, signal, sys
+from kaggletrain.model import RWKVModel
+from kaggletrain.cli import main
+
+forward, calls = RWKVModel.forward, []
+
+def forward_sending_sigterm(self, *a, **k):  # a real SIGTERM, as Kaggle's, inside the training step's forward
+    calls.append(self.training)
+    if self.training and calls.count(True) == int(os.environ["STOP_IN_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return forward(self, *a, **k)
+
+RWKVModel.forward = forward_sending_sigterm
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [3, 6])
+def test_a_run_stopped_at_an_evaluation_step_evaluates_it_when_resumed(tmp_path, stop_at):
+    """A SIGTERM during an evaluation step (3 of 6; 6: the last) stops after the checkpoint without evaluating;
+    the checkpoint records that, so `--resume` evaluates that step first: metrics.jsonl then reads as the
+    uninterrupted run's, one record per step with its val_loss."""
+    cfg = write_config(tmp_path, max_steps=6, eval_interval=3)
+    run_cli("train", cfg)
+    env = {**os.environ, "STOP_IN_STEP": str(stop_at)}
+    stopped = subprocess.run([sys.executable, "-c", STOP_IN_STEP, "train", cfg, f"out_dir={tmp_path / 'split'}"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert stopped.returncode == 143 and f"checkpoint saved at step {stop_at}" in stopped.stdout, stopped.stderr
+    assert ckpt.read_meta(tmp_path / f"split/checkpoints/step-{stop_at:08d}")["eval_pending"] is True
+    run_cli("train", cfg, f"out_dir={tmp_path / 'split'}", "--resume")
+    full, split = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                   for name in ("run", "split"))
+    assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, 7))
+    for a, b in zip(full, split):
+        assert b["loss"] == a["loss"] and b.get("val_loss") == pytest.approx(a.get("val_loss"), rel=1e-6), (a, b)
+    assert json.loads((tmp_path / "split/summary.json").read_text())["val_loss"] == pytest.approx(full[-1]["val_loss"])

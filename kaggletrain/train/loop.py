@@ -89,6 +89,7 @@ class Trainer:
         self._stop_agreed = False                   # some rank received one: every rank stops after this step
         self.stop_signal_agreed: Optional[int] = None  # that signal (SIGTERM if any rank got one): the exit status
         self._compile_ok = False                    # a compiled (train.compile) step has succeeded
+        self._eval_pending = False                  # this step's evaluation was due but skipped (a stop signal)
 
     # ------------------------------------------------------------------------------------------
     def setup(self, *, out_dir_writable: bool = True, checkpoint_follows: bool = False) -> "Trainer":
@@ -256,6 +257,7 @@ class Trainer:
             if problem is None:
                 state = state if state is not None else {}
                 state.setdefault("step", int(meta.get("step", 0)))
+                state["eval_pending"] = bool(meta.get("eval_pending", False))
         if self.dist.enabled:
             problem = broadcast_object(problem, self.dist)
         if problem is not None:
@@ -281,6 +283,7 @@ class Trainer:
         if state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
         self.step = int(state.get("step", 0))
+        self._eval_pending = bool(state.get("eval_pending", False))
         self.resumed_from = ckpt_dir
 
     def _state_mismatch(self, ckpt_dir: Path, sd: dict) -> Optional[str]:
@@ -322,7 +325,8 @@ class Trainer:
         try:
             path = ckpt.save_checkpoint(
                 self.ckpt_root, self.step, model_state=model_state,
-                meta=ckpt.model_meta(self.model_config.to_dict(), self.step, {"precision": self.precision.name}),
+                meta=ckpt.model_meta(self.model_config.to_dict(), self.step, {"precision": self.precision.name,
+                                                                               "eval_pending": self._eval_pending}),
                 trainer_state=trainer_state, run_config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
                 tokenizer=self.tokenizer.to_dict(), keep_last=c.keep_last)
         except OSError as e:
@@ -503,6 +507,12 @@ class Trainer:
                              name=cfg.name)
         try:
             with progress:
+                if self._eval_pending:  # a stop signal came before this step's evaluation: run it first
+                    with self._out_of_memory_as_error(f"the evaluation after step {self.step}", None):
+                        val_loss = self.evaluate()
+                    self._eval_pending = False
+                    if is_main:
+                        metrics.add_to_step({"step": self.step, "val_loss": val_loss})
                 while self.step < t.max_steps:
                     with self._out_of_memory_as_error(f"training step {self.step + 1}", last_ckpt):
                         res = self.train_step()
@@ -528,14 +538,14 @@ class Trainer:
                     record = {"step": self.step, "time": round(time.time(), 3), "loss": res.loss, "lr": res.lr,
                               "tokens_per_s": round(tps, 1), "step_s": round(res.seconds, 4),
                               "step_cpu_s": round(res.cpu_seconds, 4), "skipped": res.skipped}
-                    do_eval = not self._stop_agreed and (
-                        self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0))
+                    due = self.step == t.max_steps or (t.eval_interval > 0 and self.step % t.eval_interval == 0)
+                    do_eval = due and not self._stop_agreed
+                    self._eval_pending = due and not do_eval  # saved with the checkpoint: a resume evaluates first
                     if do_eval:  # every rank evaluates its share; rank 0 logs
                         with self._out_of_memory_as_error(f"the evaluation after step {self.step}", last_ckpt):
                             val_loss = self.evaluate()
                         record["val_loss"] = val_loss
-                    if is_main and (self.step % cfg.logging.log_interval == 0 or "val_loss" in record
-                                    or self.step == t.max_steps):
+                    if is_main and (self.step % cfg.logging.log_interval == 0 or due):
                         metrics.log(record)
                     history.append(record)
                     progress.update(self.step, res.loss, res.lr, tps, val_loss)

@@ -32,9 +32,28 @@ class MetricsWriter:
                 self._tb = None
 
     def log(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
+        self._f.write(_dumps(record) + "\n")
         self._f.flush()
+        self._to_tensorboard(record)
+
+    def add_to_step(self, record: dict) -> None:
+        """Add `record`'s fields to the last record logged for its step (a resumed run's evaluation of the step
+        it resumed at: the file then reads as an uninterrupted run's); a record of its own if there is none."""
+        recs = _parse_lines(self.path)
+        mine = [i for i, (_, rec) in enumerate(recs) if rec.get("step", 0) == record.get("step", 0)]
+        if not mine:
+            self.log(record)
+            return
+        lines = [ln for ln, _ in recs]
+        lines[mine[-1]] = _dumps({**recs[mine[-1]][1], **record})
+        self._f.close()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # atomic, as the rewrite on resume
+        tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._to_tensorboard(record)
+
+    def _to_tensorboard(self, record: dict) -> None:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -44,6 +63,10 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _dumps(record: dict) -> str:
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
 
 
 def _parse_lines(path: Path) -> list[tuple[str, dict]]:
