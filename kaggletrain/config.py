@@ -109,7 +109,17 @@ class DataConfig:
     )
     separator: str = _f(
         "\n\n",
-        "Text inserted between documents: files of a folder or glob, .jsonl lines, .csv rows.",
+        "Text inserted between documents (files of a folder or glob, .jsonl lines, .csv rows) when "
+        "document_end is separator.",
+    )
+    document_end: Literal["auto", "eos", "separator"] = _f(
+        "auto",
+        "How documents (a .txt file, each file of a folder or glob, each .jsonl line and .csv row) are "
+        "delimited in the token stream. eos: each document is tokenised on its own and followed by token "
+        "0, the World end-of-document token, as in RWKV-LM's make_data.py and binidx data (separator is not "
+        "used; world tokenizer only), so the model learns where a document ends (`generate` stops there). "
+        "separator: documents joined by the separator text. auto: eos with the world tokenizer, else "
+        "separator. binidx data keeps its own tokens.",
     )
 
 
@@ -882,6 +892,9 @@ def _cross_checks(cfg: RunConfig, where: _Where) -> None:
         raise where.error("data.source", "expected a file, folder, glob or 'builtin', got an empty string")
     if d.val_source is not None and not d.val_source.strip():
         raise where.error("data.val_source", "expected a file, folder or glob, got an empty string")
+    if d.document_end == "eos" and d.tokenizer != "world":
+        raise where.error("data.document_end", f"eos needs data.tokenizer: world (the {d.tokenizer} tokenizer has "
+                          "no end-of-document token); use separator or auto")
     if d.format == "binidx" and d.tokenizer == "char":
         raise where.error("data.tokenizer", "binidx data holds token ids already; char needs text (use world or byte)")
     for key in ("text_field", "text_column"):

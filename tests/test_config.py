@@ -226,6 +226,8 @@ def test_model_config_errors_are_rehomed_to_the_model_section(tmp_path: Path):
     ({"data": {"encoding": "klingon"}}, "data.encoding: unknown text encoding"),
     ({"data": {"format": "binidx", "tokenizer": "char"}}, "data.tokenizer:"),
     ({"data": {"source": " "}}, "data.source:"),
+    ({"data": {"tokenizer": "byte", "document_end": "eos"}},
+     "cfg.yaml: data.document_end: eos needs data.tokenizer: world (the byte tokenizer has no end-of-document token)"),
 ])
 def test_cross_field_rules(data, expected):
     assert expected in error_of(config_from_dict, data, source="cfg.yaml")

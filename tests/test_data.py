@@ -184,6 +184,68 @@ def test_jsonl_and_csv_documents(tmp_path: Path):
     assert decoded(p) == "hello, world|two\nlines|last"
 
 
+def _split_at_eos(tokens) -> list[list[int]]:
+    docs, cur = [], []
+    for t in tokens:
+        if t == 0:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(int(t))
+    assert cur == [], "the stream must end with token 0"
+    return docs
+
+
+def test_world_documents_end_with_token_0_as_in_rwkv_lm(tmp_path: Path):
+    # RWKV-LM's make_data.py: tokenizer.encode(doc) + [0] for every document, no separator text.
+    docs = ["User: hi\n\nAssistant: hello", "User: bye\n\nAssistant: ok", "日本語 😀"]
+    world = WorldTokenizer()
+    expected = [t for d in docs for t in world.encode(d) + [0]]
+    jl = text_file(tmp_path, "".join(json.dumps({"text": d}) + "\n" for d in docs), "chats.jsonl")
+    cs = text_file(tmp_path, "text\n" + "".join('"' + d.replace('"', '""') + '"\n' for d in docs), "chats.csv")
+    folder = tmp_path / "folder"
+    for i, d in enumerate(docs):
+        text_file(folder, d, f"{i}.txt")
+    for src in (jl, cs, folder, folder / "*.txt"):
+        p = prepare_data(data_cfg(tmp_path, source=str(src), tokenizer="world", val_fraction=0.0), seq_len=4)
+        assert p.train_tokens.tolist() == expected, src
+    # A single .txt file is one document, ended the same way.
+    one = prepare_data(data_cfg(tmp_path, source=str(folder / "0.txt"), tokenizer="world", val_fraction=0.0), 4)
+    assert one.train_tokens.tolist() == world.encode(docs[0]) + [0]
+    # document_end=separator keeps the text separator (and no token 0); byte data keeps its separator.
+    sep = prepare_data(data_cfg(tmp_path, source=str(jl), tokenizer="world", document_end="separator",
+                                val_fraction=0.0), seq_len=4)
+    assert 0 not in sep.train_tokens.tolist() and decoded(sep) == "\n\n".join(docs)
+    byte = prepare_data(data_cfg(tmp_path, source=str(jl), val_fraction=0.0), seq_len=4)
+    assert decoded(byte) == "\n\n".join(docs)
+
+
+def test_world_document_ends_survive_encoding_batches(tmp_path: Path, monkeypatch):
+    # Many documents, and documents longer than one read, cut into several encoding batches.
+    from kaggletrain.data import prepare, sources
+
+    monkeypatch.setattr(prepare, "PIECE_CHARS", 100)
+    monkeypatch.setattr(sources, "READ_BYTES", 64)
+    docs = [f"document {i}: " + "some words on a line\n" * (i % 7) + "end" for i in range(40)]
+    folder = tmp_path / "many"
+    for i, d in enumerate(docs):
+        text_file(folder, d, f"{i:03d}.txt")
+    p = prepare_data(data_cfg(tmp_path, source=str(folder), tokenizer="world", val_fraction=0.0), seq_len=4)
+    assert [p.tokenizer.decode(d) for d in _split_at_eos(p.train_tokens.tolist())] == docs
+
+
+def test_document_end_is_part_of_the_cache_key(tmp_path: Path):
+    jl = text_file(tmp_path, '{"text": "one document"}\n{"text": "another one"}\n', "d.jsonl")
+    old = prepare_data(data_cfg(tmp_path, source=str(jl), tokenizer="world", document_end="separator",
+                                val_fraction=0.0), seq_len=4)
+    new = prepare_data(data_cfg(tmp_path, source=str(jl), tokenizer="world", val_fraction=0.0), seq_len=4)
+    assert not new.cache_hit and new.num_tokens == old.num_tokens + 1  # "\n\n" (one token) -> two 0s
+    assert new.train_tokens.tolist().count(0) == 2
+    again = prepare_data(data_cfg(tmp_path, source=str(jl), tokenizer="world", document_end="eos",
+                                  val_fraction=0.0), seq_len=4)
+    assert again.cache_hit and again.train_tokens.tolist() == new.train_tokens.tolist()
+
+
 def test_explicit_format_overrides_the_extension(tmp_path: Path):
     f = text_file(tmp_path, json.dumps({"body": "from a .log file"}) + "\n", "x.log")
     p = prepare_data(data_cfg(tmp_path, source=str(f), format="jsonl", text_field="body", val_fraction=0.0), seq_len=4)
@@ -424,7 +486,8 @@ def test_sampler_refuses_changed_data_and_bad_sizes():
     s = WindowSampler(np.arange(500, dtype=np.uint16), 16, 4)
     state = s.state_dict()
     other = WindowSampler(np.arange(600, dtype=np.uint16), 16, 4)
-    assert "training tokens was 500 and is now 600" in data_error(other.load_state_dict, state)
+    msg = data_error(other.load_state_dict, state)
+    assert "drawn from 500 training tokens and the data now gives 600" in msg and "data.document_end" in msg
     with pytest.raises(Exception, match="cannot be split evenly over 3"):
         WindowSampler(np.arange(500, dtype=np.uint16), 16, 4, world_size=3)
     assert "has 10 tokens, but one sequence needs train.seq_len + 1 = 17" in data_error(

@@ -93,6 +93,30 @@ def test_train_resume_eval_end_to_end(tmp_path):
     assert 0 < res["bits_per_byte"] < 20 and res["tokens"] > 0
 
 
+@pytest.mark.slow
+def test_resume_refuses_data_whose_document_ends_changed(tmp_path):
+    # World text data now ends every document with token 0; a run tokenised the old way (separator) cannot
+    # continue its data stream on the new tokens, and says why and what to do, in one line.
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"text": f"User: question {i}?\n\nAssistant: answer {i}."}) + "\n"
+                             for i in range(60)))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "w", "out_dir": str(tmp_path / "run"), "model": {"hidden_size": 32, "num_layers": 1, "head_size": 16},
+        "data": {"source": str(chats), "tokenizer": "world", "document_end": "separator", "val_fraction": 0,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"seq_len": 16, "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "eval_interval": 100},
+        "checkpoint": {"every_steps": 2}, "logging": {"progress": False}}))
+    run_cli("train", cfg)
+    proc = run_cli("train", cfg, "--resume", "data.document_end=auto", "train.max_steps=4", check=False)
+    ckpt_dir = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = " ".join(proc.stderr.split())  # (rich wraps long lines)
+    assert (f"{ckpt_dir}: cannot continue the saved data stream: it was drawn from 779 training tokens and the "
+            "data now gives 780") in line
+    assert "data.document_end" in line and f"model.init_from={ckpt_dir}" in line
+
+
 def test_overrides_and_bad_config_errors(tmp_path):
     cfg = write_config(tmp_path)
     proc = run_cli("train", cfg, "train.lrr=1", check=False)

@@ -2,8 +2,9 @@
 
 An entry is `<key>.tokens` (raw little-endian uint16 or uint32 ids, one flat stream) plus
 `<key>.json` (dtype, token count, largest id, what it was made from). The key hashes the source files'
-identity (path, size, mtime) and the tokenizer, so editing a file or switching tokenizer makes a new
-entry while re-running the same config reuses the old one.
+identity (path, size, mtime), the tokenizer and the read options (encoding, fields, separator or
+end-of-document tokens), so editing a file or switching tokenizer makes a new entry while re-running the
+same config reuses the old one.
 
 Concurrency and crashes: an entry is built under a `filelock` lock (torchrun ranks or parallel runs
 sharing one cache wait for the first builder), written to a temporary name and renamed into place;

@@ -32,6 +32,7 @@ from kaggletrain.data.tokenizers import CharTokenizer, Tokenizer, build_tokenize
 from kaggletrain.errors import DataError
 
 PROGRESS_MIN_BYTES = 8 << 20  # show a progress bar only when tokenising at least this much text
+END_OF_DOCUMENT = 0  # the World token that ends a document (RWKV-LM's make_data.py, binidx data)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, source: str = "data") -> No
 def prepare_data(data: DataConfig, seq_len: int, progress: bool = False, console: Any = None) -> PreparedData:
     """Resolve, tokenise (cached), cap, split and check the data of a run."""
     cache = TokenCache(resolve_cache_dir(data.cache_dir))
-    opts = ReadOptions(data.encoding, data.text_field, data.text_column, data.separator)
+    opts = ReadOptions(data.encoding, data.text_field, data.text_column, data.separator, _end_documents(data))
     ui = _Progress(progress, console)
 
     train_src = _resolve(data.source or "builtin", data.format, "data.source", cache, ui)
@@ -177,9 +178,21 @@ def _builtin_source(spec: str, cache: TokenCache, ui: _Progress) -> ResolvedSour
     return ResolvedSource(spec, "text", [SourceFile(path, "txt")], single_file=True, content_key=key)
 
 
+def _end_documents(data: DataConfig) -> bool:
+    """data.document_end resolved: whether each document ends with the end-of-document token (World's 0)."""
+    if data.document_end == "eos" and data.tokenizer != "world":
+        raise DataError(f"data.document_end: eos needs data.tokenizer: world (the {data.tokenizer} tokenizer has "
+                        "no end-of-document token); use separator or auto")
+    return data.document_end == "eos" or (data.document_end == "auto" and data.tokenizer == "world")
+
+
 def _read_options_key(opts: ReadOptions, src: ResolvedSource) -> dict[str, Any]:
     formats = {f.format for f in src.files}
-    out: dict[str, Any] = {"encoding": opts.encoding, "separator": opts.separator}
+    out: dict[str, Any] = {"encoding": opts.encoding}
+    if opts.end_documents:
+        out["document_end"] = "eos"
+    else:
+        out["separator"] = opts.separator
     if "jsonl" in formats:
         out["text_field"] = opts.text_field
     if "csv" in formats:
@@ -223,25 +236,47 @@ def _tokens_for(src: ResolvedSource, tokenizer: Tokenizer, opts: ReadOptions, ca
     dtype = token_dtype(tokenizer.vocab_size)
 
     def fill(writer) -> dict[str, Any]:
-        buf: list[str] = []
+        buf: list[str | None] = []  # text pieces; None: a document ends here
         size = 0
         with ui.bar(f"Tokenising {src.spec} ({tokenizer.name})", src.total_bytes) as advance:
             for piece, nbytes in iter_pieces(src, opts):
-                if piece:
+                if piece or piece is None:
                     buf.append(piece)
-                    size += len(piece)
+                    size += len(piece or "")
                 # Encode in ~1 MB batches: few tokenizer calls, bounded memory.
                 if size >= PIECE_CHARS:
-                    writer.append(tokenizer.encode_array("".join(buf)))
+                    writer.append(_encode(tokenizer, buf))
                     buf, size = [], 0
                 advance(nbytes)
             if buf:
-                writer.append(tokenizer.encode_array("".join(buf)))
+                writer.append(_encode(tokenizer, buf))
         return {"source": src.spec, "tokenizer": tokenizer.to_dict(), "key": key, "cached_tokens": True,
                 "empty_message": f"{src.spec}: no text found (empty files or documents)"}
 
     tokens, meta, hit = cache.get_or_build(key, dtype, fill)
     return tokens, meta, hit
+
+
+def _encode(tokenizer: Tokenizer, pieces: list[str | None]) -> np.ndarray:
+    """Token ids of text pieces, each None becoming END_OF_DOCUMENT. Documents are encoded one by one, as
+    RWKV-LM does, so no token spans two of them."""
+    if None not in pieces:
+        return tokenizer.encode_array("".join(pieces))  # type: ignore[arg-type]
+    texts, cur = [], []
+    for p in pieces:
+        if p is None:
+            texts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(p)
+    texts.append("".join(cur))  # the start of a document that goes on in the next batch (or "")
+    ids = tokenizer.encode_batch(texts)  # type: ignore[attr-defined]  (world only: see _end_documents)
+    out: list[int] = []
+    for doc in ids[:-1]:
+        out.extend(doc)
+        out.append(END_OF_DOCUMENT)
+    out.extend(ids[-1])
+    return np.asarray(out, dtype=np.uint32)
 
 
 def _binidx_tokens(src: ResolvedSource, tokenizer: Tokenizer, cache: TokenCache) -> tuple[np.ndarray, dict[str, Any], bool]:

@@ -129,12 +129,16 @@ class WindowSampler:
 
     def state_mismatch(self, state: dict[str, Any]) -> str | None:
         """Why a saved stream cannot be continued (the data, seq_len or global batch changed), or None."""
-        for key, mine in (("num_tokens", len(self.tokens)), ("seq_len", self.seq_len), ("global_batch", self.global_batch)):
+        if "num_tokens" in state and int(state["num_tokens"]) != len(self.tokens):
+            return (f"cannot continue the saved data stream: it was drawn from {int(state['num_tokens']):,} training "
+                    f"tokens and the data now gives {len(self.tokens):,} (the data files changed, or a setting "
+                    "that shapes the tokens: data.tokenizer, data.separator, data.document_end, data.max_tokens, "
+                    "data.val_fraction)")
+        for key, mine in (("seq_len", self.seq_len), ("global_batch", self.global_batch)):
             if key in state and int(state[key]) != int(mine):
-                what = {"num_tokens": "training tokens", "seq_len": "train.seq_len",
-                        "global_batch": "train.batch_size"}[key]
+                what = {"seq_len": "train.seq_len", "global_batch": "train.batch_size"}[key]
                 return (f"cannot continue the saved data stream: {what} was {state[key]} and is now {mine} "
-                        "(the data or the config changed since the checkpoint)")
+                        "(the config changed since the checkpoint)")
         return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

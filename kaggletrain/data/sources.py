@@ -136,6 +136,7 @@ class ReadOptions:
     text_field: str = "text"
     text_column: str = "text"
     separator: str = "\n\n"
+    end_documents: bool = False  # mark each document's end (for the tokenizer's end token) instead of separator
 
 
 def _codec(opts: ReadOptions) -> str:
@@ -278,12 +279,13 @@ def read_csv(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
 _READERS = {"txt": read_txt, "jsonl": read_jsonl, "csv": read_csv}
 
 
-def iter_pieces(src: ResolvedSource, opts: ReadOptions) -> Iterator[tuple[str, int]]:
-    """The whole source as (text piece, raw bytes consumed), documents joined by opts.separator.
+def iter_pieces(src: ResolvedSource, opts: ReadOptions) -> Iterator[tuple[str | None, int]]:
+    """The whole source as (text piece, raw bytes consumed), documents joined by opts.separator, or, with
+    opts.end_documents, each document followed by (None, 0): its end, where the end-of-document token goes.
 
     A .txt file is one document; each .jsonl line and .csv row is one document. Empty files in a
-    folder or glob are skipped; a source with no text at all is an error (raised by the caller, who
-    knows the token count).
+    folder or glob, and empty documents, are skipped; a source with no text at all is an error (raised by
+    the caller, who knows the token count).
     """
     first = True
     for f in src.files:
@@ -297,8 +299,10 @@ def iter_pieces(src: ResolvedSource, opts: ReadOptions) -> Iterator[tuple[str, i
             started = False
             for piece, nbytes in doc:
                 if piece and not started:
-                    if not first and opts.separator:
+                    if not first and opts.separator and not opts.end_documents:
                         yield opts.separator, 0
                     first = False
                     started = True
                 yield piece, nbytes
+            if started and opts.end_documents:
+                yield None, 0

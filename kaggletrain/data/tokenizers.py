@@ -251,6 +251,12 @@ class WorldTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.uint32)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text (one call into the Rust tokenizer for many short documents)."""
+        if self._fast is not None:
+            return [list(ids) for ids in self._fast.encode_batch(texts)]
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         table = self.table
         return b"".join(table.get(i, b"\xef\xbf\xbd") if i != 0 else b"" for i in _ids(ids)).decode(

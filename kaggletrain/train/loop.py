@@ -242,7 +242,8 @@ class Trainer:
                 problem = self._state_mismatch(ckpt_dir, sd)
                 if problem is None and state and state.get("sampler") is not None:  # (before anything is loaded)
                     problem = self.sampler.state_mismatch(state["sampler"])
-                    problem = problem and f"{ckpt_dir}: {problem}"
+                    problem = problem and (f"{ckpt_dir}: {problem}; resume with the data and config that wrote "
+                                           f"it, or start a new run from its weights: model.init_from={ckpt_dir}")
                 if problem is None and state and state.get("optimizer") is not None:
                     why = optimizer_state_mismatch(self.model, self.optimizer, state["optimizer"])
                     if why:  # (before any collective: every rank then stops alike)
