@@ -246,6 +246,20 @@ def test_document_end_is_part_of_the_cache_key(tmp_path: Path):
     assert again.cache_hit and again.train_tokens.tolist() == new.train_tokens.tolist()
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "char", "world"])
+def test_jsonl_unpaired_surrogates_become_replacement_characters(tmp_path: Path, tokenizer: str):
+    # '\ud83d' without its pair (a cut emoji in scraped data) is valid JSON but not encodable text.
+    jl = text_file(tmp_path, '{"text": "first document"}\n{"text": "broken \\ud83d emoji \\udc00 \\ud83d\\ude00 ok"}\n'
+                   '{"text": "last \\udfff"}\n', "scraped.jsonl")
+    with pytest.warns(UserWarning) as caught:
+        p = prepare_data(data_cfg(tmp_path, source=str(jl), tokenizer=tokenizer, val_fraction=0.0), seq_len=4)
+    msgs = [str(w.message) for w in caught]
+    assert msgs and all(m == f"{jl}: 3 unpaired UTF-16 surrogate escape(s) in field 'text' (the first, \\ud83d on "
+                        "line 2; half of an emoji?) replaced by U+FFFD" for m in msgs)
+    text = decoded(p)
+    assert "broken \ufffd emoji \ufffd 😀 ok" in text and "last \ufffd" in text
+
+
 def test_explicit_format_overrides_the_extension(tmp_path: Path):
     f = text_file(tmp_path, json.dumps({"body": "from a .log file"}) + "\n", "x.log")
     p = prepare_data(data_cfg(tmp_path, source=str(f), format="jsonl", text_field="body", val_fraction=0.0), seq_len=4)

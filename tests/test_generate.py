@@ -236,6 +236,9 @@ def test_generate_cli_streams_and_reuses_state(byte_checkpoint, tmp_path, capsys
     (["--top-p", "2"], "top_p"),
     (["--state", "nothing.safetensors"], "state file not found"),
     (["--device", "tpu"], "--device"),
+    # A prompt or stop string that is not UTF-8 on the command line (argv decoded with surrogateescape)
+    (["-p", "caf\udce9"], "--prompt b'caf\\xe9': not valid utf-8 text (byte 0xe9 at offset 3)"),
+    (["--stop", "\udcff!"], "--stop b'\\xff!': not valid utf-8 text (byte 0xff at offset 0)"),
 ])
 def test_generate_cli_errors_are_one_line(byte_checkpoint, capsys, extra, pattern):
     assert cli_main(["generate", str(byte_checkpoint), "-p", "x", "-n", "2", *extra]) == 2

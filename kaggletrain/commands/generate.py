@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,9 @@ def generate_cmd(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise KaggletrainError(f"--device {device}: expected auto, cpu or cuda (with a GPU present)")
+    for option, texts in (("--prompt", prompt), ("--stop", stop or [])):
+        for text in texts:
+            _check_argv_text(option, text)
     stop = [s for s in (stop or []) if s]
     model, meta = load_checkpoint(checkpoint, device=device)
     model.optimize_for_inference()
@@ -75,3 +79,21 @@ def generate_cmd(
     if save_state is not None:
         write_state_file(out.state, save_state)
         typer.echo(f"state saved to {save_state}", err=True)
+
+
+def _check_argv_text(option: str, text: str) -> None:
+    """Python decodes argv with surrogateescape: bytes invalid in the locale's encoding (a latin-1 'é' in a
+    UTF-8 terminal) arrive as lone surrogates, which no tokenizer encodes. One line naming the byte instead."""
+    from kaggletrain.errors import KaggletrainError
+
+    bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is None:
+        return
+    encoding = sys.getfilesystemencoding()
+    try:
+        raw, offset = os.fsencode(text), len(os.fsencode(text[:bad]))
+        shown, what = repr(raw), f"byte 0x{raw[offset]:02x} at offset {offset}"
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (not from a command line)
+        shown, what = ascii(text), f"U+{ord(text[bad]):04X} at character {bad}"
+    raise KaggletrainError(f"{option} {shown}: not valid {encoding} text ({what}); give the text in {encoding} "
+                           "(is the terminal set to another encoding?)")

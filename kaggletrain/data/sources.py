@@ -20,6 +20,8 @@ import glob
 import io
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +34,7 @@ READ_BYTES = 1 << 20    # raw read size
 TEXT_FORMATS = ("txt", "jsonl", "csv")
 _EXT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 _GLOB_CHARS = set("*?[")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after json.loads, only unpaired ones remain
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
     text_io, raw = _text_stream(path, opts)
     last = 0
     lineno = 0
+    first_bad, bad_count = "", 0  # unpaired surrogates replaced
     with text_io:
         try:
             for lineno, line in enumerate(text_io, 1):
@@ -243,11 +247,20 @@ def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
                     raise DataError(
                         f"{path}: line {lineno}: field '{opts.text_field}' is {type(value).__name__}, expected a string"
                     )
+                # A "\ud83d" escape without its pair (a cut emoji, common in scraped data) is valid JSON but
+                # not text any tokenizer can encode: keep the document, with U+FFFD in its place.
+                if not value.isascii() and (m := _SURROGATE.search(value)):
+                    first_bad = first_bad or f"\\u{ord(m.group()):04x} on line {lineno}"
+                    value, n = _SURROGATE.subn("\ufffd", value)
+                    bad_count += n
                 pos = raw.tell()
                 yield value, pos - last
                 last = pos
         except UnicodeDecodeError as e:
             raise _decode_error(path, opts, e, line=lineno + 1) from None
+    if bad_count:
+        warnings.warn(f"{path}: {bad_count} unpaired UTF-16 surrogate escape(s) in field '{opts.text_field}' "
+                      f"(the first, {first_bad}; half of an emoji?) replaced by U+FFFD", stacklevel=2)
 
 
 def read_csv(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
