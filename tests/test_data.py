@@ -281,9 +281,44 @@ def test_encoding_option_reads_latin1(tmp_path: Path):
     f = tmp_path / "latin.txt"
     f.write_bytes("café crème brûlée\n".encode("latin-1") * 4)
     msg = data_error(prepare_data, data_cfg(tmp_path, source=str(f)), 4)
-    assert msg.startswith(f"{f}: not valid utf-8 text (byte 0xe9 at offset 3)") and "data.encoding" in msg
+    assert msg.startswith(f"{f}: line 1: not valid utf-8 text (byte 0xe9 at offset 3)") and "data.encoding" in msg
     p = prepare_data(data_cfg(tmp_path, source=str(f), encoding="latin-1", val_fraction=0.0), seq_len=4)
     assert decoded(p) == "café crème brûlée\n" * 4
+
+
+def _bad_byte_at_line_5000(fmt: str) -> bytes:
+    lines = [b"text\n"] if fmt == "csv" else []
+    lines += [(b'{"text": "document %d"}\n' if fmt == "jsonl" else b"row %d\n") % i for i in range(len(lines) + 1, 10_001)]
+    lines[4999] = b'{"text": "caf\xe9"}\n' if fmt == "jsonl" else b"caf\xe9\n"
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "txt"])
+def test_decode_errors_name_the_real_line_and_offset(tmp_path: Path, fmt: str):
+    # Far past the readers' 8 KB read-ahead: the line and absolute offset of the byte itself.
+    data = _bad_byte_at_line_5000(fmt)
+    f = tmp_path / f"big.{fmt}"
+    f.write_bytes(data)
+    at = data.index(b"\xe9")
+    assert data_error(prepare_data, data_cfg(tmp_path, source=str(f)), 2).startswith(
+        f"{f}: line 5000: not valid utf-8 text (byte 0xe9 at offset {at}):")
+
+
+def test_decode_error_location_across_reads_bom_and_wide_encodings(tmp_path: Path, monkeypatch):
+    from kaggletrain.data import sources
+
+    monkeypatch.setattr(sources, "READ_BYTES", 5)  # characters split across reads
+    f = tmp_path / "bom.txt"
+    data = "\ufeffnaïve\ncafé\n€uro ".encode() + b"\xff rest\n"
+    f.write_bytes(data)
+    at = data.index(b"\xff")
+    assert data_error(prepare_data, data_cfg(tmp_path, source=str(f)), 2).startswith(
+        f"{f}: line 3: not valid utf-8 text (byte 0xff at offset {at}):")
+    wide = tmp_path / "wide.txt"
+    data = "line one\nline two\nthree ".encode("utf-16-le") + b"\x00\xdc" + "!\n".encode("utf-16-le")
+    wide.write_bytes(data)  # a lone low surrogate
+    assert data_error(prepare_data, data_cfg(tmp_path, source=str(wide), encoding="utf-16-le"), 2).startswith(
+        f"{wide}: line 3: not valid utf-16-le text (byte 0x00 at offset {len(data) - 6}):")
 
 
 def test_utf8_byte_order_mark_is_not_text(tmp_path: Path):

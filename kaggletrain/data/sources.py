@@ -171,13 +171,34 @@ def _sniff(path: Path, opts: ReadOptions, single: bool) -> bool:
     return True
 
 
-def _decode_error(path: Path, opts: ReadOptions, e: UnicodeDecodeError, base: int = 0, line: int | None = None) -> DataError:
-    bad = e.object[e.start : e.start + 1].hex() if isinstance(e.object, (bytes, bytearray)) else "?"
-    where = f"line {line}: " if line else ""
-    return DataError(
-        f"{path}: {where}not valid {opts.encoding} text (byte 0x{bad} at offset {base + e.start}): a binary file, "
-        "or text in another encoding (set data.encoding, e.g. latin-1)"
-    )
+def _decode_error(path: Path, opts: ReadOptions) -> DataError:
+    """Where the first undecodable byte of `path` is, from a fresh scan: the text readers decode ahead in
+    blocks (TextIOWrapper by 8 KB), so their line count and the error's block-relative offset are not it."""
+    new_decoder = codecs.getincrementaldecoder(_codec(opts))
+    decoder = new_decoder(errors="strict")
+    offset = lines = 0  # raw bytes read; line breaks decoded
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(READ_BYTES)
+            state = decoder.getstate()  # its first item: bytes held back from the previous read
+            try:
+                lines += decoder.decode(raw, final=not raw).count("\n")
+            except UnicodeDecodeError as e:
+                data = state[0] + raw  # e.object is this, or a suffix of it (utf-8-sig drops a BOM)
+                bad = len(data) - len(e.object) + e.start  # in data
+                if bad > len(state[0]):  # the good bytes of this read before it: count their line breaks
+                    good = new_decoder(errors="strict")
+                    good.setstate(state)
+                    lines += good.decode(raw[: bad - len(state[0])]).count("\n")
+                return DataError(
+                    f"{path}: line {lines + 1}: not valid {opts.encoding} text (byte 0x{data[bad:bad + 1].hex()} at "
+                    f"offset {offset - len(state[0]) + bad}): a binary file, or text in another encoding (set "
+                    "data.encoding, e.g. latin-1)"
+                )
+            if not raw:
+                break
+            offset += len(raw)
+    return DataError(f"{path}: not valid {opts.encoding} text (it changed while being read?)")
 
 
 def read_txt(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
@@ -189,11 +210,10 @@ def read_txt(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
         while True:
             raw = f.read(READ_BYTES)
             final = not raw
-            pending = len(decoder.getstate()[0])  # undecoded bytes left from the previous read
             try:
                 text = decoder.decode(raw, final=final)
-            except UnicodeDecodeError as e:
-                raise _decode_error(path, opts, e, base=offset - pending) from None
+            except UnicodeDecodeError:
+                raise _decode_error(path, opts) from None
             if "\x00" in text:
                 raise DataError(f"{path}: looks like a binary file (NUL character near byte {offset}), not text")
             offset += len(raw)
@@ -256,8 +276,8 @@ def read_jsonl(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
                 pos = raw.tell()
                 yield value, pos - last
                 last = pos
-        except UnicodeDecodeError as e:
-            raise _decode_error(path, opts, e, line=lineno + 1) from None
+        except UnicodeDecodeError:
+            raise _decode_error(path, opts) from None
     if bad_count:
         warnings.warn(f"{path}: {bad_count} unpaired UTF-16 surrogate escape(s) in field '{opts.text_field}' "
                       f"(the first, {first_bad}; half of an emoji?) replaced by U+FFFD", stacklevel=2)
@@ -283,8 +303,8 @@ def read_csv(path: Path, opts: ReadOptions) -> Iterator[tuple[str, int]]:
                     pos = raw.tell()
                     yield row[col], pos - last
                     last = pos
-        except UnicodeDecodeError as e:
-            raise _decode_error(path, opts, e, line=reader.line_num + 1) from None
+        except UnicodeDecodeError:
+            raise _decode_error(path, opts) from None
         except csv.Error as e:
             raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
 
