@@ -232,6 +232,18 @@ def test_generate_cli_streams_and_reuses_state(byte_checkpoint, tmp_path, capsys
     assert out.count("--- [") == 2
 
 
+def test_generate_cli_reports_a_stop_string_as_stop(byte_checkpoint, capsys):
+    out = generate(make_model(), list(b"Hello"), max_new_tokens=12, temperature=0).tokens[0]
+    text = bytes(out).decode("utf-8", errors="replace")
+    assert len(text) >= 6
+    stop = text[4:6]
+    assert cli_main(["generate", str(byte_checkpoint), "-p", "Hello", "-p", "Hello", "-n", "12", "-t", "0",
+                     "--stop", stop]) == 0
+    printed = capsys.readouterr().out
+    head = "--- [{}] 'Hello' (stop)\n" + text[: text.index(stop)] + "\n"
+    assert printed == head.format(0) + head.format(1)
+
+
 @pytest.mark.parametrize("extra, pattern", [
     (["--top-p", "2"], "top_p"),
     (["--state", "nothing.safetensors"], "state file not found"),

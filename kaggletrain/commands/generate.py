@@ -74,7 +74,9 @@ def generate_cmd(
         if live:
             sys.stdout.write(rest + "\n")
         else:
-            sys.stdout.write(f"--- [{i}] {prompt[i]!r} ({out.finish_reasons[i]})\n{s.text}\n")
+            # on_tokens ends a row at its stop string: generate() records that as "callback".
+            reason = "stop" if s.stopped and out.finish_reasons[i] == "callback" else out.finish_reasons[i]
+            sys.stdout.write(f"--- [{i}] {prompt[i]!r} ({reason})\n{s.text}\n")
     sys.stdout.flush()
     if save_state is not None:
         write_state_file(out.state, save_state)
