@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kaggletrain.cli import main
+from kaggletrain.config import load_config
 from kaggletrain.kaggle.fake_server import FakeKaggle, FakeKernel
 
 FAKE_KEY = "f4k3-k3y-0123456789abcdef"
@@ -143,11 +144,24 @@ def test_pull_downloads_outputs(server, tmp_path, capsys):
     out = tmp_path / "pulled"
     assert main(["pull", "alice/kaggletrain-tiny", "--out", str(out)]) == 0
     for name, data in files.items():
-        assert (out / name).read_bytes() == data
+        if not name.endswith("config.yaml"):  # the config is pointed at this machine (test_kaggle_e2e.py)
+            assert (out / name).read_bytes() == data
+    assert load_config(out / "runs/tiny/config.yaml").out_dir == str(out / "runs/tiny")
     assert (out / "kaggletrain-tiny.log").read_text() == "notebook log"
     text = " ".join(capsys.readouterr().out.split())
-    assert "6 files" in text and f"resume with: kaggletrain train {out}/runs/tiny/config.yaml" in text
+    assert "6 files" in text and f"resume: kaggletrain train {out}/runs/tiny/config.yaml checkpoint.resume=true" in text
     assert server.calls("ListKernelSessionOutput")[0]["body"]["kernelSlug"] == "kaggletrain-tiny"
+
+
+def test_pull_with_a_pattern_names_no_missing_config(server, tmp_path, capsys):
+    files = {"runs/tiny/metrics.jsonl": b'{"step": 3, "loss": 4.2}\n', "runs/tiny/config.yaml": b"name: tiny\n"}
+    server.kernels["alice/kaggletrain-tiny"] = FakeKernel(status="COMPLETE", files=files)
+    out = tmp_path / "pulled"
+    assert main(["pull", "alice/kaggletrain-tiny", "--out", str(out), "--pattern", "metrics"]) == 0
+    assert not (out / "runs/tiny/config.yaml").exists()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config.yaml" not in text.replace("its config.yaml was not pulled", "")
+    assert f"run {out}/runs/tiny: its config.yaml was not pulled (--pattern)" in text
 
 
 def test_access_token_alone(server, config, tmp_path, monkeypatch):

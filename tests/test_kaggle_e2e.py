@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def _assert_no_key(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_generated_notebook_trains_under_nbclient(project):
+def test_generated_notebook_trains_under_nbclient(project, monkeypatch, capsys):
     import nbformat
     from nbclient import NotebookClient
 
@@ -80,6 +81,43 @@ def test_generated_notebook_trains_under_nbclient(project):
     assert not (working / "kaggletrain").exists()  # the package was unpacked outside the outputs
     _assert_no_key(working)
     _assert_no_key(project / "kernel")
+    _pulled_run_is_a_local_run(project, working, monkeypatch, capsys)
+
+
+def _pulled_run_is_a_local_run(project: Path, working: Path, monkeypatch, capsys) -> None:
+    """Kaggle serves /kaggle/working; `pull` fetches it with the real client (from the fake server), and then
+    the Kaggle machine is gone: the pulled run evaluates and resumes on the local data, from any directory."""
+    from kaggletrain.kaggle.fake_server import FakeKaggle, FakeKernel
+
+    files = {str(p.relative_to(working)): p.read_bytes() for p in working.rglob("*") if p.is_file()}
+    for gone in ("input", "working", "tmp"):
+        shutil.rmtree(project / gone)
+    run = project / "kaggle-out" / "runs" / "tiny"
+    with FakeKaggle() as fake:
+        monkeypatch.setenv("KAGGLETRAIN_KAGGLE_ENDPOINT", fake.url)
+        fake.kernels["alice/kaggletrain-tiny"] = FakeKernel(status="COMPLETE", files=files)
+        capsys.readouterr()
+        assert main(["pull", "alice/kaggletrain-tiny", "--out", "kaggle-out"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "evaluate: kaggletrain eval kaggle-out/runs/tiny " in out + " "
+        assert "resume: kaggletrain train kaggle-out/runs/tiny/config.yaml checkpoint.resume=true" in out
+        monkeypatch.chdir(project / "kernel")  # not where the run was pushed or pulled
+        assert main(["eval", str(run), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["step"] == 3
+        assert main(["train", str(run / "config.yaml"), "checkpoint.resume=true", "train.max_steps=4"]) == 0
+        assert (run / "checkpoints" / "step-00000004").is_dir()
+
+        # The data has moved since the push: pull and eval name the key that gives its location now.
+        monkeypatch.chdir(project)
+        (project / "corpus.txt").rename(project / "moved.txt")
+        assert main(["pull", "alice/kaggletrain-tiny", "--out", "kaggle-out"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "data.source corpus.txt is not on this machine: add data.source=PATH" in out
+        assert "evaluate: kaggletrain eval kaggle-out/runs/tiny data.source=PATH" in out
+    assert main(["eval", str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"corpus.txt: file not found (data.source); " in err and f"kaggletrain eval {run} data.source=PATH" in err
+    assert main(["eval", str(run), "data.source=moved.txt", "--json"]) == 0
 
 
 @pytest.mark.slow

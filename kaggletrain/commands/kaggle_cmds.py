@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from kaggletrain.cli import app
-from kaggletrain.errors import KaggleError
+from kaggletrain.errors import KaggleError, KaggletrainError
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -150,5 +150,32 @@ def pull(
     _out.print(f"{kernel}: {len(files)} files into {out}")
     runs = sorted({Path(f).parent for f in files if Path(f).name in ("config.yaml", "metrics.jsonl")})
     for run in runs:
-        _out.print(f"  run {run}: resume with: kaggletrain train {run / 'config.yaml'} out_dir={run} "
-                   "checkpoint.resume=true")
+        _print_local_run(run)
+
+
+def _print_local_run(run: Path) -> None:
+    """Point the pulled run's configs back at the local data, and say how to evaluate and resume it."""
+    from rich.markup import escape
+
+    from kaggletrain.kaggle.pulled import localize_run
+
+    try:
+        local = localize_run(run)
+    except KaggletrainError as e:  # the download stands; only the config could not be made local
+        _out.print(f"  run {run}: [yellow]warning:[/] its config was left as pulled: {escape(str(e))}")
+        return
+    if local is None:
+        _out.print(f"  run {run}: its config.yaml was not pulled (--pattern), so it cannot be evaluated or "
+                   "resumed; pull it too")
+        return
+    if not any((run / "checkpoints").glob("step-*")):
+        _out.print(f"  run {run}: no checkpoint pulled, nothing to evaluate or resume")
+        return
+    for key, value in local.missing.items():
+        how = ("is not on this machine" if local.recorded else
+               "is the Kaggle path (the notebook predates saving the local one)")
+        _out.print(f"  run {run}: {key} {escape(value)} {how}: add {key}=PATH, where that data is here, to the "
+                   "commands below")
+    fix = "".join(f" {key}=PATH" for key in local.missing)
+    _out.print(f"  run {run}: evaluate: kaggletrain eval {run}{fix}")
+    _out.print(f"  run {run}: resume:   kaggletrain train {run / 'config.yaml'} checkpoint.resume=true{fix}")

@@ -14,6 +14,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -25,6 +26,8 @@ from pathlib import Path
 
 INPUT_ENV, WORKING_ENV = "KAGGLETRAIN_KAGGLE_INPUT", "KAGGLETRAIN_KAGGLE_WORKING"
 NPROC_ENV, TRAIN_ARGS_ENV = "KAGGLETRAIN_NPROC", "KAGGLETRAIN_TRAIN_ARGS"
+# In each run directory: the pushed config's values that the notebook's overrides replaced (read by `pull`).
+LOCAL_VALUES_FILE = "kaggle_local_values.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,26 @@ def locate_data(source: str, datasets: list[str], input_root: Path) -> str:
     if len(matches) > 1:
         print(f"note: {len(matches)} entries named {pattern!r}; using {matches[0]}", flush=True)
     return str(matches[0])
+
+
+def record_local_values(run_dir: Path, config: dict, overrides: list[str]) -> Path:
+    """Write LOCAL_VALUES_FILE into the run directory: for each `key=value` override, the pushed config's own
+    value of `key` (the local data paths, the token cache...). Written before training, so it is among the
+    outputs even when the session is cut short; `kaggletrain pull` puts these values back."""
+    local = {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            local[key] = node
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCAL_VALUES_FILE
+    path.write_text(json.dumps(local, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def _glob(pattern: str) -> list[str]:

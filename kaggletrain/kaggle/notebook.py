@@ -76,8 +76,9 @@ _DATA = '''
 import json
 
 # Find the config's data among the attached datasets (mount points differ between images: search).
+RUN_DIR = PATHS.working / "runs" / RUN_NAME
 overrides = [
-    f"out_dir={PATHS.working / 'runs' / RUN_NAME}",
+    f"out_dir={RUN_DIR}",
     f"data.cache_dir={PKG_DIR.parent / 'kaggletrain-tokens'}",  # token cache: not an output
     "logging.progress=false",  # plain log lines read better in the notebook's output
 ]
@@ -85,6 +86,8 @@ for key, local in PATH_SETTINGS.items():
     found = kr.locate_data(local, DATASETS, PATHS.input)
     print(f"{key}: {local} -> {found}")
     overrides.append(f"{key}={found}")
+# The config's own values of what is overridden here, saved with the outputs: `kaggletrain pull` puts them back.
+kr.record_local_values(RUN_DIR, CONFIG, overrides)
 CONFIG_PATH = PKG_DIR / "run-config.yaml"
 CONFIG_PATH.write_text(json.dumps(CONFIG, indent=1), encoding="utf-8")  # JSON is YAML too
 '''

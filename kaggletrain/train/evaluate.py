@@ -26,6 +26,22 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     raise CheckpointError(f"{path}: no kaggletrain checkpoint found (expected model.safetensors + config.json)")
 
 
+def _check_data_paths(cfg, path: Path) -> None:
+    """The run's data paths are those of the machine it trained on (a run pulled from Kaggle, a moved
+    project): when one is not here, say which override gives its location now."""
+    from kaggletrain.data.sources import resolve_source
+    from kaggletrain.errors import DataError
+
+    for key, value in (("data.source", cfg.data.source), ("data.val_source", cfg.data.val_source)):
+        if value is None:
+            continue
+        try:
+            resolve_source(value, cfg.data.format, key)
+        except DataError as e:
+            raise DataError(f"{e}; the run's config names it: give the data's location here with "
+                            f"kaggletrain eval {path} {key}=PATH") from None
+
+
 def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int] = None) -> dict:
     from kaggletrain.config import load_config
     from kaggletrain.train.loop import Trainer
@@ -36,6 +52,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], batches: Optional[int]
     if not run_yaml.exists():
         raise CheckpointError(f"{ckpt_dir}: no run_config.yaml; eval needs a checkpoint written by `kaggletrain train`")
     cfg = load_config(run_yaml, overrides)
+    _check_data_paths(cfg, path)
     trainer = Trainer(cfg, resume=True, progress=False)
     trainer.setup(out_dir_writable=False, checkpoint_follows=True)  # (model.init_from is not needed)
     trainer.load(ckpt_dir)
