@@ -16,7 +16,7 @@ import pytest
 from kaggletrain.cli import main
 from kaggletrain.kaggle import kernel_runtime as kr
 from kaggletrain.kaggle.bundle import build_bundle
-from kaggletrain.kaggle.notebook import OPTIONAL, REQUIRED
+from kaggletrain.kaggle.notebook import OPTIONAL, REQUIRED, WORLD
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -85,6 +85,25 @@ def test_required_dependencies_mirror_pyproject():
     names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
     ours = {re.split(r"[<>=]", r, maxsplit=1)[0].lower() for r in {**REQUIRED, **OPTIONAL}.values()}
     assert names <= ours, f"pyproject dependencies missing from kaggletrain/kaggle/notebook.py: {names - ours}"
+
+
+def test_world_extra_mirrors_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["world"]
+    assert sorted(WORLD.values()) == sorted(extra)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_notebook_installs_what_the_tokenizer_needs(tmp_path, config):
+    """A world tokenizer (every shipped T4/H100 config) needs pyrwkv-tokenizer's vocabulary; Kaggle images lack it."""
+    from kaggletrain.config import load_config
+
+    world = load_config(REPO / "configs" / config).data.tokenizer == "world"
+    assert main(["push", str(REPO / "configs" / config), "--dry-run", "--owner", "alice", "--dataset", "alice/data",
+                 "--accelerator", "None", "--out", str(tmp_path / "kernel")]) == 0
+    (nb,) = (tmp_path / "kernel").glob("*.ipynb")
+    required = _settings(json.loads(nb.read_text()))["REQUIRED"]
+    assert required == ({**REQUIRED, **WORLD} if world else REQUIRED)
 
 
 # ---------------------------------------------------------------- kernel_runtime

@@ -32,6 +32,15 @@ REQUIRED = {
 }
 # Wanted but not fatal: ninja only builds the CUDA WKV kernel (there is a fallback), matplotlib the loss plot.
 OPTIONAL = {"ninja": "ninja>=1.11", "matplotlib": "matplotlib>=3.7"}
+# Required too when data.tokenizer is world: its vocabulary ships in this package (pyproject's `world` extra);
+# Kaggle images do not have it.
+WORLD = {"pyrwkv_tokenizer": "pyrwkv-tokenizer>=0.1"}
+
+
+def requirements(config: dict) -> dict[str, str]:
+    """What the run needs installed: REQUIRED, plus the World vocabulary's package for a world tokenizer."""
+    world = (config.get("data") or {}).get("tokenizer") == "world"
+    return {**REQUIRED, **(WORLD if world else {})}
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -118,7 +127,7 @@ def build_notebook(*, title: str, ref: str, bundle: Bundle, version: str, run_na
         f"DATASETS = {datasets!r}",
         f"PATH_SETTINGS = {path_settings!r}  # config keys holding local paths -> searched under the input",
         f"EXTRA_OVERRIDES = {list(extra_overrides or [])!r}",
-        f"REQUIRED = {REQUIRED!r}",
+        f"REQUIRED = {requirements(config)!r}",
         f"OPTIONAL = {OPTIONAL!r}",
         "# The resolved run config (kaggletrain train reads it as YAML; edit freely).",
         f"CONFIG = {config_text}",
