@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,19 @@ def test_two_processes_go_through_torchrun(project, monkeypatch):
     assert "--nproc_per_node=2" in cmd
     kr.run_training(cmd, Path(__file__).resolve().parents[1], project / "working")
     assert [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["data/pile", "corpus"])
+def test_rehearsal_finds_binidx_and_folder_sources(project, source, capsys):
+    """A binidx prefix (pile.bin + pile.idx) and a folder, each as a Kaggle dataset made from it holds it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import write_binidx
+
+    (project / "data").mkdir()
+    write_binidx(project / "data" / "pile", [[(7 * i + j) % 250 + 1 for j in range(600)] for i in range(4)])
+    (project / "corpus").mkdir()
+    (project / "corpus" / "a.txt").write_text((project / "corpus.txt").read_text())
+    assert main(["push", "tiny.yaml", f"data.source={source}", "--rehearse", "--rehearse-steps", "2",
+                 "--dataset", "alice/ds", "--out", "kernel"]) == 0
+    assert "rehearsal passed" in capsys.readouterr().out

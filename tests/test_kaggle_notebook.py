@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -130,6 +131,56 @@ def test_locate_data_explains_what_it_saw(tmp_path):
     _dataset(tmp_path, "current")
     with pytest.raises(FileNotFoundError, match=r"nothing named 'corpus.txt' under .*tiny-text: data, data/a.txt"):
         kr.locate_data("corpus.txt", ["alice/tiny-text"], tmp_path)
+
+
+def test_locate_data_finds_a_binidx_prefix(tmp_path):
+    d = tmp_path / "datasets" / "alice" / "corpus-bi"  # kaggle datasets create -p data, data/ holding the pair
+    d.mkdir(parents=True)
+    (d / "corpus.bin").write_bytes(b"\0\0")
+    (d / "corpus.idx").write_bytes(b"\0")
+    assert kr.locate_data("data/corpus", ["alice/corpus-bi"], tmp_path) == str(d / "corpus")
+    assert kr.locate_data("data/corpus.bin", ["alice/corpus-bi"], tmp_path) == str(d / "corpus.bin")
+    (d / "corpus.idx").unlink()  # a prefix is a .bin and its .idx
+    with pytest.raises(FileNotFoundError, match="nothing named 'corpus'"):
+        kr.locate_data("data/corpus", ["alice/corpus-bi"], tmp_path)
+
+
+def test_locate_data_takes_a_dataset_made_from_the_folder(tmp_path):
+    """`kaggle datasets create -p corpus` puts corpus/'s files at the dataset root; push marks a folder with '/'."""
+    d = tmp_path / "datasets" / "alice" / "corpus-ds"
+    d.mkdir(parents=True)
+    (d / "a.txt").write_text("hello")
+    assert kr.locate_data("corpus/", ["alice/corpus-ds"], tmp_path) == str(d)
+    (d / "corpus").mkdir()  # a folder of that name in the dataset comes first
+    assert kr.locate_data("corpus/", ["alice/corpus-ds"], tmp_path) == str(d / "corpus")
+    with pytest.raises(FileNotFoundError, match="data.val_source 'corpus.txt': nothing named 'corpus.txt'"):
+        kr.locate_data("corpus.txt", ["alice/corpus-ds"], tmp_path, "data.val_source")  # a file: no such fallback
+
+
+def test_push_marks_a_folder_source_and_stages_datasets_as_kaggle_lays_them_out(tmp_path, monkeypatch):
+    from kaggletrain.kaggle.rehearse import stage_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello")
+    (tmp_path / "data").mkdir()
+    for name in ("pile.bin", "pile.idx", "val.txt"):
+        (tmp_path / "data" / name).write_bytes(b"x")
+    (tmp_path / "c.yaml").write_text(TINY.replace("data/*.txt", "corpus"))
+    assert main(["push", "c.yaml", "--dry-run", "--owner", "alice", "--dataset", "alice/ds", "--out", "kernel"]) == 0
+    nb = json.loads((tmp_path / "kernel" / "kaggletrain-tiny.ipynb").read_text())
+    assert _settings(nb)["PATH_SETTINGS"] == {"data.source": "corpus/"}
+
+    def staged(local: dict) -> list[str]:
+        root = tmp_path / "input"
+        shutil.rmtree(root, ignore_errors=True)
+        stage_inputs(local, "alice/ds", root)
+        return sorted(p.name for p in (root / "datasets" / "alice" / "ds").iterdir())
+
+    assert staged({"data.source": "corpus/"}) == ["a.txt"]  # the folder's files at the root, as -p corpus makes it
+    assert staged({"data.source": "corpus/", "data.val_source": "data/val.txt"}) == ["corpus", "val.txt"]
+    assert staged({"data.source": "data/pile"}) == ["pile.bin", "pile.idx"]  # a binidx prefix: both files
+    assert staged({"data.source": "data/pile.bin"}) == ["pile.bin", "pile.idx"]
 
 
 def test_kaggle_paths_are_rerooted(tmp_path):

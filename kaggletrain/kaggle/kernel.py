@@ -8,6 +8,7 @@ validated again exactly as `kaggle kernels push` will read it, before any networ
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def default_title(run_name: str) -> str:
 
 
 def local_paths(cfg) -> dict[str, str]:
-    """Config keys whose values are local files that must come from datasets on Kaggle."""
+    """Config keys whose values are local files that must come from datasets on Kaggle. A folder gets a
+    trailing '/': the notebook's data search then also accepts a dataset made from the folder itself."""
     found = {}
     if cfg.data.source and cfg.data.source != "builtin":
         found["data.source"] = cfg.data.source
@@ -52,7 +54,7 @@ def local_paths(cfg) -> dict[str, str]:
     init_from = cfg.model.get("init_from") if hasattr(cfg.model, "get") else None
     if init_from:
         found["model.init_from"] = str(init_from)
-    return found
+    return {k: v.rstrip("/") + "/" if os.path.isdir(os.path.expanduser(v)) else v for k, v in found.items()}
 
 
 def _warnings(cfg, spec: KernelSpec) -> list[str]:

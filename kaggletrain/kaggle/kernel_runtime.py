@@ -141,11 +141,15 @@ def _listing(root: Path, depth: int = 3, limit: int = 40) -> str:
     return ", ".join(items[:limit]) or "(empty)"
 
 
-def locate_data(source: str, datasets: list[str], input_root: Path) -> str:
-    """Map the config's local `data.source` (file, folder or glob) to the same data under the input root.
+def locate_data(source: str, datasets: list[str], input_root: Path, key: str = "data.source") -> str:
+    """Map the config's local path `source` (file, folder, glob or binidx prefix) to the same data under the
+    input root.
 
     The basename (or the glob's last part) is searched for inside the attached datasets, or the whole input
-    root when none are listed. `builtin` needs no data. Returns the path or glob to pass as `data.source`.
+    root when none are listed. A binidx prefix `data/corpus` is found as corpus.bin beside corpus.idx. A folder
+    (written with a trailing '/' by `kaggletrain push`) may also be a dataset itself: `kaggle datasets create
+    -p corpus` puts the folder's files at the dataset's root, which is used when no folder of that name is in
+    it. `builtin` needs no data. Returns the path or glob to pass as `key`.
     """
     if source == "builtin" or source.startswith("builtin:"):
         return source
@@ -155,14 +159,27 @@ def locate_data(source: str, datasets: list[str], input_root: Path) -> str:
             return rerooted
     pattern = Path(source.rstrip("/")).name
     is_glob = any(c in source for c in "*?[")
-    roots = dataset_roots(datasets, input_root) or [input_root]
+    folder = source.endswith("/")
+    dataset_dirs = dataset_roots(datasets, input_root)
+    roots = dataset_dirs or [input_root]
     matches: list[Path] = []
+    prefixes: list[Path] = []  # binidx: <pattern>.bin with its .idx beside it
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            matches += [Path(dirpath) / n for n in sorted(filenames + dirnames) if fnmatch.fnmatch(n, pattern)]
+            names = dirnames if folder else filenames + dirnames
+            matches += [Path(dirpath) / n for n in sorted(names) if fnmatch.fnmatch(n, pattern)]
+            if not is_glob and f"{pattern}.bin" in filenames and f"{pattern}.idx" in filenames:
+                prefixes.append(Path(dirpath) / pattern)
+    if not matches and prefixes:
+        matches = prefixes
+    if not matches and folder:
+        matches = [r for r in dataset_dirs if any(r.iterdir())][:1]
+        if matches:
+            print(f"note: no folder named {pattern!r} in the datasets; using the dataset {matches[0]} as the "
+                  "folder (its files are what `kaggle datasets create -p FOLDER` uploaded)", flush=True)
     if not matches:
         where = "; ".join(f"{r}: {_listing(r)}" for r in roots)
-        raise FileNotFoundError(f"data.source {source!r}: nothing named {pattern!r} under {where}")
+        raise FileNotFoundError(f"{key} {source!r}: nothing named {pattern!r} under {where}")
     if is_glob:
         dirs = sorted({m.parent for m in matches if m.is_file()} or {matches[0].parent})
         if len(dirs) > 1:

@@ -92,7 +92,7 @@ overrides = [
     "logging.progress=false",  # plain log lines read better in the notebook's output
 ]
 for key, local in PATH_SETTINGS.items():
-    found = kr.locate_data(local, DATASETS, PATHS.input)
+    found = kr.locate_data(local, DATASETS, PATHS.input, key)
     print(f"{key}: {local} -> {found}")
     overrides.append(f"{key}={found}")
 # The config's own values of what is overridden here, saved with the outputs: `kaggletrain pull` puts them back.

@@ -35,13 +35,23 @@ class Rehearsal:
 
 
 def stage_inputs(local: dict[str, str], dataset: str, input_root: Path) -> None:
-    """Link each local path (file, folder or glob's matches) into input/datasets/<owner>/<slug>/."""
+    """Link each local path into input/datasets/<owner>/<slug>/, laid out as `kaggle datasets create` makes it:
+    a file, a glob's matches and a binidx pair (.bin + .idx, from the prefix or either file) by name; a folder
+    as its files at the dataset root when it is the only input (`-p FOLDER`), else by name."""
     owner, _, slug = dataset.partition("/")
     target = input_root / "datasets" / owner / slug
     target.mkdir(parents=True, exist_ok=True)
     for key, value in local.items():
-        matches = glob.glob(value, recursive=True) if any(c in value for c in "*?[") else [value]
-        existing = [Path(m) for m in matches if Path(m).exists()]
+        path = Path(os.path.expanduser(value.rstrip("/") or value))
+        if any(c in value for c in "*?["):
+            existing = [Path(m) for m in glob.glob(os.path.expanduser(value), recursive=True)]
+        elif path.is_dir():
+            existing = sorted(path.iterdir()) if len(local) == 1 else [path]
+        elif path.suffix in (".bin", ".idx") or (not path.exists() and Path(f"{path}.bin").exists()):
+            prefix = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
+            existing = [p for p in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")) if p.exists()]
+        else:
+            existing = [path] if path.exists() else []
         if not existing:
             raise KaggleError(f"{key}: {value} does not exist locally, so it cannot be rehearsed")
         for m in existing:
