@@ -229,6 +229,24 @@ def test_failure_summary_finds_the_cause_under_torchrun():
     assert kr.failure_summary(report) == report[-1]
 
 
+REGENERATE = "python -m kaggletrain.kaggle.example"
+
+
+def test_repository_example_kernel_is_current(tmp_path):
+    """The example kernel embeds the package: it must be regenerated whenever kaggletrain/ changes."""
+    from kaggletrain.kaggle.example import generate
+
+    meta = json.loads((REPO / "kernel-metadata.json").read_text())
+    committed = json.loads((REPO / meta["code_file"]).read_text())
+    how = (f"the repository's example kernel is stale: run `{REGENERATE}` in the repository root and commit "
+           f"kernel-metadata.json and {meta['code_file']}")
+    assert _settings(committed)["KAGGLETRAIN_SHA256"] == build_bundle().sha256, (
+        f"{how} (the kaggletrain sources it embeds differ from this tree's)")
+    generate(tmp_path)  # everything else the notebook carries: cells, settings, metadata
+    for name in ("kernel-metadata.json", meta["code_file"]):
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{how} ({name} differs)"
+
+
 def test_repository_example_notebook_runs_offline_safe():
     meta = json.loads((REPO / "kernel-metadata.json").read_text())
     nb = json.loads((REPO / meta["code_file"]).read_text())
