@@ -117,7 +117,7 @@ def _pulled_run_is_a_local_run(project: Path, working: Path, monkeypatch, capsys
         assert "evaluate: kaggletrain eval kaggle-out/runs/tiny data.source=PATH" in out
     assert main(["eval", str(run)]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"corpus.txt: file not found (data.source); " in err and f"kaggletrain eval {run} data.source=PATH" in err
+    assert "corpus.txt: file not found (data.source); " in err and f"kaggletrain eval {run} data.source=PATH" in err
     assert main(["eval", str(run), "data.source=moved.txt", "--json"]) == 0
 
 
