@@ -354,5 +354,7 @@ def test_a_run_stopped_at_an_evaluation_step_evaluates_it_when_resumed(tmp_path,
                    for name in ("run", "split"))
     assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, 7))
     for a, b in zip(full, split):
-        assert b["loss"] == a["loss"] and b.get("val_loss") == pytest.approx(a.get("val_loss"), rel=1e-6), (a, b)
+        assert b["loss"] == a["loss"] and ("val_loss" in b) == ("val_loss" in a), (a, b)
+        if "val_loss" in a:  # (newer pytest refuses approx(None))
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6), (a, b)
     assert json.loads((tmp_path / "split/summary.json").read_text())["val_loss"] == pytest.approx(full[-1]["val_loss"])
