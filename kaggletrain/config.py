@@ -584,6 +584,14 @@ class RunConfig:
         return resolve_cache_dir(self.data.cache_dir)
 
 
+def document_end_problem(data: DataConfig) -> str | None:
+    """Why data.document_end does not fit data.tokenizer (eos is World's token 0), or None."""
+    if data.document_end == "eos" and data.tokenizer != "world":
+        return (f"eos needs data.tokenizer: world (the {data.tokenizer} tokenizer has no end-of-document token); "
+                "use separator or auto")
+    return None
+
+
 def resolve_cache_dir(cache_dir: str | None) -> Path:
     """data.cache_dir with null resolved to $KAGGLETRAIN_CACHE_DIR or the default."""
     raw = cache_dir or os.environ.get("KAGGLETRAIN_CACHE_DIR") or DEFAULT_CACHE_DIR
@@ -892,9 +900,8 @@ def _cross_checks(cfg: RunConfig, where: _Where) -> None:
         raise where.error("data.source", "expected a file, folder, glob or 'builtin', got an empty string")
     if d.val_source is not None and not d.val_source.strip():
         raise where.error("data.val_source", "expected a file, folder or glob, got an empty string")
-    if d.document_end == "eos" and d.tokenizer != "world":
-        raise where.error("data.document_end", f"eos needs data.tokenizer: world (the {d.tokenizer} tokenizer has "
-                          "no end-of-document token); use separator or auto")
+    if (problem := document_end_problem(d)) is not None:
+        raise where.error("data.document_end", problem)
     if d.format == "binidx" and d.tokenizer == "char":
         raise where.error("data.tokenizer", "binidx data holds token ids already; char needs text (use world or byte)")
     for key in ("text_field", "text_column"):

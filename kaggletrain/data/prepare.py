@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kaggletrain.config import DataConfig, resolve_cache_dir
+from kaggletrain.config import DataConfig, document_end_problem, resolve_cache_dir
 from kaggletrain.data import builtin
 from kaggletrain.data.binidx import read_binidx
 from kaggletrain.data.cache import TokenCache, atomic_write_bytes, cache_key, max_token_id, token_dtype
@@ -180,9 +180,8 @@ def _builtin_source(spec: str, cache: TokenCache, ui: _Progress) -> ResolvedSour
 
 def _end_documents(data: DataConfig) -> bool:
     """data.document_end resolved: whether each document ends with the end-of-document token (World's 0)."""
-    if data.document_end == "eos" and data.tokenizer != "world":
-        raise DataError(f"data.document_end: eos needs data.tokenizer: world (the {data.tokenizer} tokenizer has "
-                        "no end-of-document token); use separator or auto")
+    if (problem := document_end_problem(data)) is not None:  # (a DataConfig not read through load_config)
+        raise DataError(f"data.document_end: {problem}")
     return data.document_end == "eos" or (data.document_end == "auto" and data.tokenizer == "world")
 
 

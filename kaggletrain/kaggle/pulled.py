@@ -9,7 +9,6 @@ exists from the current directory (so the config works from anywhere), and out_d
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,10 +21,19 @@ from kaggletrain.kaggle.kernel_runtime import LOCAL_VALUES_FILE
 PATH_KEYS = ("data.source", "data.val_source", "model.init_from")
 
 
-def path_exists(value: str) -> bool:
-    """Whether a data or checkpoint path (file, folder, glob, binidx prefix) names something on this machine."""
-    v = os.path.expanduser(value)
-    return os.path.exists(v) or bool(glob.glob(v, recursive=True)) or os.path.exists(v + ".bin")
+def path_exists(key: str, value: str) -> bool:
+    """Whether the data (file, folder, glob, binidx prefix: as the data pipeline resolves it) or checkpoint
+    that `key` names is on this machine."""
+    from kaggletrain.data.sources import resolve_source
+    from kaggletrain.errors import DataError
+
+    if not key.startswith("data."):
+        return os.path.exists(os.path.expanduser(value))
+    try:
+        resolve_source(value, key=key)
+    except DataError:
+        return False
+    return True
 
 
 def _is_path(value) -> bool:
@@ -42,6 +50,7 @@ class LocalRun:
 
 def _rewrite(path: Path, values: dict) -> None:
     from kaggletrain.config import config_from_dict, load_config, save_config
+    from kaggletrain.train.checkpoint import atomic_write_text
 
     data = load_config(path).to_dict()
     for key, value in values.items():
@@ -50,8 +59,8 @@ def _rewrite(path: Path, values: dict) -> None:
     cfg = config_from_dict(data, source=str(path))
     if path.name == "config.yaml":
         save_config(cfg, path)
-    else:  # a checkpoint's run_config.yaml, written as the trainer writes it
-        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    else:  # a checkpoint's run_config.yaml, written as the trainer writes it (atomically: a checkpoint's file)
+        atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def localize_run(run: Path) -> LocalRun | None:
@@ -63,7 +72,7 @@ def localize_run(run: Path) -> LocalRun | None:
     values = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
     for key in PATH_KEYS:
         v = values.get(key)
-        if _is_path(v) and not os.path.isabs(os.path.expanduser(v)) and path_exists(v):
+        if _is_path(v) and not os.path.isabs(os.path.expanduser(v)) and path_exists(key, v):
             values[key] = os.path.abspath(v)
     values["out_dir"] = str(run.absolute())
     for path in [config, *sorted(run.glob("checkpoints/*/run_config.yaml"))]:
@@ -74,6 +83,6 @@ def localize_run(run: Path) -> LocalRun | None:
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         v = (data.get(section) or {}).get(name)
-        if _is_path(v) and not path_exists(v):
+        if _is_path(v) and not path_exists(key, v):
             missing[key] = v
     return LocalRun(run, values, missing, record.is_file())

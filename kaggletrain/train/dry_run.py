@@ -295,7 +295,7 @@ def _report(cfg, trainer, times, cpu_times, losses, peak, rss_before, setup_s, c
         else:
             would_stop.append(f"the loss was not finite at dry-run step {first}; a real run stops after "
                               f"{MAX_NONFINITE_STEPS} such steps in a row: lower train.lr, or check the data")
-    if trainer.scaler.is_enabled() and trainer.scaler.get_scale() < MIN_LOSS_SCALE:
+    if trainer.loss_scale_too_low():
         would_stop.append(f"fp16's loss scale fell to {trainer.scaler.get_scale():g}, below {MIN_LOSS_SCALE:g} (the "
                           f"gradients overflow fp16 even unscaled): a real run stops there; lower train.lr, or use "
                           f"fp32 (bf16 on a GPU that has it)")

@@ -524,7 +524,7 @@ class Trainer:
                     if nonfinite >= MAX_NONFINITE_STEPS:
                         raise self._diverged(nonfinite, is_main, f"loss is not finite for {nonfinite} steps in a "
                                              f"row (step {self.step})")
-                    if res.skipped and self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE:
+                    if res.skipped and self.loss_scale_too_low():
                         raise self._diverged(skipped_run, is_main, (
                             f"fp16's loss scaler skipped {skipped_run} step(s) in a row (step {self.step}: gradients "
                             f"not finite) and the loss scale fell to {self.scaler.get_scale():g}, below "
@@ -592,6 +592,10 @@ class Trainer:
         if host:  # (every rank has rank 0's verdict: each stops; rank 0 alone prints it)
             message = f"{host['problem']}; {suggestion_text(host['suggestion'])}"
             raise RankFailed(message) if not self.dist.is_main else TrainingError(message)
+
+    def loss_scale_too_low(self) -> bool:
+        """fp16: the loss scale fell below MIN_LOSS_SCALE, where a run stops (the dry run says so too)."""
+        return self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE
 
     def _diverged(self, bad_steps: int, is_main: bool, what: str) -> TrainingError:
         """The error that stops a run whose last `bad_steps` steps went wrong. The weights saved at step s gave

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +16,7 @@ class MetricsWriter:
             # Keep only records up to the resumed step, so a resumed run's file reads like an uninterrupted one.
             # A line cut short (killed or disk full mid-write) is dropped. The rewrite is atomic: a kill
             # during it leaves the old file, never a truncated one.
-            kept = [ln for ln, rec in _parse_lines(self.path) if rec.get("step", 0) <= resume_from_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            _rewrite(self.path, [ln for ln, rec in _parse_lines(self.path) if rec.get("step", 0) <= resume_from_step])
         self._f = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir is not None:
@@ -47,9 +43,7 @@ class MetricsWriter:
         lines = [ln for ln, _ in recs]
         lines[mine[-1]] = _dumps({**recs[mine[-1]][1], **record})
         self._f.close()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # atomic, as the rewrite on resume
-        tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-        os.replace(tmp, self.path)
+        _rewrite(self.path, lines)
         self._f = open(self.path, "a", encoding="utf-8")
         self._to_tensorboard(record)
 
@@ -63,6 +57,13 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Replace the file with these record lines, atomically: a kill during it leaves the old file."""
+    from kaggletrain.train.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def _dumps(record: dict) -> str:
