@@ -422,6 +422,26 @@ def test_dry_run_meets_the_run_directory_as_the_real_run_would(tmp_path):
     assert tree(run_dir) == before and not (tmp_path / "none").exists() and not (tmp_path / "fresh").exists()
 
 
+def test_a_dry_run_whose_fp16_loss_scale_falls_below_1_says_the_real_run_would_stop(tmp_path):
+    """The dry run resumes as the real run would: from a checkpoint whose fp16 loss scale had fallen to 1, the
+    NaN steps after a 1e30 update halve it below 1, where a real run stops (the real run's side:
+    test_reliability.py::test_fp16_loss_scale_floor_stops_the_run)."""
+    cfg = write_config(tmp_path, max_steps=2, precision="fp16", device="cpu", eval_interval=0)
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    state_file = tmp_path / "run/checkpoints/step-00000002/trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["scaler"]["scale"] = 1.0
+    torch.save(state, state_file)
+    proc = cli("train", cfg, "train.lr=1e30", "train.warmup_steps=0", "train.max_steps=20", "--resume", "--dry-run",
+               "--steps", 3, "--json")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    rep = json.loads(proc.stdout)
+    assert rep["precision"] == "fp16" and rep["start_step"] == 2, rep
+    assert any(p.startswith("fp16's loss scale fell to 0.25, below 1") and "a real run stops there" in p
+               for p in rep["real_run_would_stop"]), rep["real_run_would_stop"]
+
+
 def test_a_diverging_dry_run_prints_strict_json_and_says_the_real_run_would_stop(tmp_path):
     cfg = write_config(tmp_path, max_steps=20, lr=1e8, warmup_steps=0, grad_clip=0.0)
     proc = cli("train", cfg, "--dry-run", "--steps", 6, "--json")

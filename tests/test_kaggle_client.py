@@ -164,6 +164,28 @@ def test_pull_with_a_pattern_names_no_missing_config(server, tmp_path, capsys):
     assert f"run {out}/runs/tiny: its config.yaml was not pulled (--pattern)" in text
 
 
+def test_pull_says_what_it_could_not_make_local(server, tmp_path, capsys):
+    """Three pulled runs that `pull` cannot point at this machine, each answered in its own line, the files kept:
+    a config that does not validate (left as pulled), one from a notebook that saved no local values (its
+    data.source is the Kaggle path), and a run without a checkpoint (nothing to evaluate or resume)."""
+    ckpt = "checkpoints/step-00000003/model.safetensors"
+    kaggle_cfg = b"name: old\ndata: {source: /kaggle/input/corpus/corpus.txt, tokenizer: byte}\n"
+    files = {"runs/bad/config.yaml": b"train: {lr: fast}\n", f"runs/bad/{ckpt}": b"w",
+             "runs/old/config.yaml": kaggle_cfg, f"runs/old/{ckpt}": b"w",
+             "runs/none/config.yaml": b"name: none\n", "runs/none/metrics.jsonl": b'{"step": 1, "loss": 4.2}\n'}
+    server.kernels["alice/kaggletrain-tiny"] = FakeKernel(status="COMPLETE", files=files)
+    out = tmp_path / "pulled"
+    assert main(["pull", "alice/kaggletrain-tiny", "--out", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"run {out}/runs/bad: warning: its config was left as pulled: " in text and "train.lr" in text, text
+    assert (out / "runs/bad/config.yaml").read_bytes() == files["runs/bad/config.yaml"]
+    assert (f"run {out}/runs/old: data.source /kaggle/input/corpus/corpus.txt is the Kaggle path (the notebook "
+            "predates saving the local one): add data.source=PATH") in text, text
+    assert f"evaluate: kaggletrain eval {out}/runs/old data.source=PATH" in text, text
+    assert f"run {out}/runs/none: no checkpoint pulled, nothing to evaluate or resume" in text, text
+    assert f"kaggletrain train {out}/runs/none/config.yaml" not in text and f"eval {out}/runs/none" not in text
+
+
 def test_access_token_alone(server, config, tmp_path, monkeypatch):
     """Token credentials: the owner comes from the server (token introspection), requests carry a Bearer."""
     monkeypatch.delenv("KAGGLE_KEY")
